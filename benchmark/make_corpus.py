@@ -1,0 +1,146 @@
+"""Build an ImageNet-like JPEG ImageFolder from real photographs.
+
+Sources are the wallpapers of Debian's mate-backgrounds and ukui-wallpapers packages (installed by
+scripts/setup.sh): random crops of real photos, resized to about 400x350 and re-encoded as baseline
+JPEG at quality 75-95, so the files decode at the speed real ImageNet files do (about 110 KB each).
+Noise or flat colours would decode unrealistically fast.
+
+    python -m benchmark.make_corpus --out data/corpus --images 2000 --classes 10 [--with-bad-files]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PHOTO_DIRS = ("/usr/share/backgrounds",)
+# Abstract/geometric wallpapers in those packages: flat colour areas, not photographs.
+NOT_PHOTOS = ("Stripes", "Arc-Colors", "Ubuntu-Mate", "Float-into", "Flow", "Gulp", "Silk", "Spring",
+              "Waves", "fluent", "rollpaper", "focal", "rhythm", "string")
+
+# Unusual files that decode fine and must be kept by every loader, and files that must be skipped.
+ODD_BUT_VALID = ("grayscale.JPEG", "cmyk.JPEG", "png_named.JPEG", "progressive.JPEG")
+UNREADABLE = ("zero_byte.JPEG", "truncated.JPEG", "not_an_image.JPEG")
+
+
+def find_photos(dirs: tuple[str, ...] = PHOTO_DIRS) -> list[Path]:
+    photos = sorted(
+        p for d in dirs if os.path.isdir(d) for p in Path(d).rglob("*")
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png") and not any(tag in p.name for tag in NOT_PHOTOS)
+    )
+    if not photos:
+        raise SystemExit(
+            "make_corpus: no photographs under /usr/share/backgrounds; install them with "
+            "`apt-get install mate-backgrounds ukui-wallpapers` (scripts/setup.sh does this)"
+        )
+    return photos
+
+
+def _load_sources(photos: list[Path], max_side: int = 1600) -> list[Image.Image]:
+    """Decode each wallpaper once, downscaled so crops are ImageNet-like in detail per pixel."""
+    sources = []
+    for path in photos:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            sources.append(img.copy())
+    return sources
+
+
+def _random_photo(sources: list[Image.Image], rng: np.random.Generator, mean_size: tuple[int, int]) -> Image.Image:
+    src = sources[rng.integers(len(sources))]
+    out_w = int(np.clip(rng.normal(mean_size[0], mean_size[0] * 0.15), 96, src.width))
+    out_h = int(np.clip(rng.normal(mean_size[1], mean_size[1] * 0.15), 96, src.height))
+    zoom = rng.uniform(1.0, max(1.0, min(src.width / out_w, src.height / out_h)))
+    crop_w, crop_h = int(out_w * zoom), int(out_h * zoom)
+    left = rng.integers(0, src.width - crop_w + 1)
+    top = rng.integers(0, src.height - crop_h + 1)
+    return src.crop((left, top, left + crop_w, top + crop_h)).resize((out_w, out_h), Image.Resampling.BILINEAR)
+
+
+def _jpeg_bytes(img: Image.Image, quality: int, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, **kwargs)
+    return buf.getvalue()
+
+
+def write_bad_files(class_dir: Path, sample: Image.Image) -> None:
+    """Add the odd-but-valid and unreadable files the reliability tests expect."""
+    sample.convert("L").save(class_dir / "grayscale.JPEG", format="JPEG", quality=90)
+    sample.convert("CMYK").save(class_dir / "cmyk.JPEG", format="JPEG", quality=90)
+    sample.save(class_dir / "png_named.JPEG", format="PNG")
+    sample.save(class_dir / "progressive.JPEG", format="JPEG", quality=90, progressive=True)
+    (class_dir / "zero_byte.JPEG").write_bytes(b"")
+    good = _jpeg_bytes(sample, 90)
+    (class_dir / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    (class_dir / "not_an_image.JPEG").write_text("this is a text file with an image name\n")
+
+
+def make_corpus(
+    out: str | os.PathLike,
+    images: int = 2000,
+    classes: int = 10,
+    mean_size: tuple[int, int] = (400, 350),
+    quality: tuple[int, int] = (75, 95),
+    with_bad_files: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write out/<class>/<n>.JPEG atomically (a temp folder renamed into place) and return out."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another --out")
+    rng = np.random.default_rng(seed)
+    sources = _load_sources(find_photos())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for c in range(classes):
+            (tmp / f"class_{c:03d}").mkdir()
+        for i in range(images):
+            img = _random_photo(sources, rng, mean_size)
+            q = int(rng.integers(quality[0], quality[1] + 1))
+            (tmp / f"class_{i % classes:03d}" / f"img_{i:07d}.JPEG").write_bytes(_jpeg_bytes(img, q))
+        if with_bad_files:
+            write_bad_files(tmp / "class_000", _random_photo(sources, rng, mean_size))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output ImageFolder root (must not exist)")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--width", type=int, default=400, help="mean image width")
+    parser.add_argument("--height", type=int, default=350, help="mean image height")
+    parser.add_argument("--with-bad-files", action="store_true",
+                        help="add grayscale/CMYK/PNG-named/progressive files and unreadable ones to class_000")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.classes < 1:
+        parser.error("--images and --classes must be positive")
+    try:
+        out = make_corpus(args.out, args.images, args.classes, (args.width, args.height),
+                          with_bad_files=args.with_bad_files, seed=args.seed)
+    except FileExistsError as err:
+        print(f"make_corpus: {err}", file=sys.stderr)
+        return 2
+    files = [p for p in out.rglob("img_*.JPEG")]
+    mean_kb = sum(p.stat().st_size for p in files) / max(1, len(files)) / 1024
+    print(f"wrote {len(files)} JPEGs in {args.classes} classes to {out} (mean {mean_kb:.0f} KB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

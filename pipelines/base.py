@@ -1,0 +1,47 @@
+"""The contract between loaders and the trainer.
+
+Every loader yields `(view1, view2, labels)` per batch:
+- view1, view2: float tensors (B, 3, res, res) on the training device, channels_last memory
+  format, normalized with the recipe's mean/std, dtype `LoaderConfig.dtype` (bf16 on CUDA by default).
+- labels: int64 tensor (B,) on the same device (class index of the ImageFolder; -1 if unknown).
+`len(loader)` is the number of batches per epoch for this rank; `loader.set_epoch(e)` reshuffles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from pipelines.views import BYOL_VIEWS, ViewRecipe
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    data: str
+    batch_size: int  # per process
+    recipe: ViewRecipe = field(default_factory=lambda: BYOL_VIEWS)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    workers: int = 2
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    # Drop the last partial batch: BYOL's BN statistics and LARS trust ratios want full batches.
+    drop_last: bool = True
+
+
+class TwoViewLoader(Protocol):
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class LoaderUnavailable(RuntimeError):
+    """A loader's optional dependency is missing; the message says which extra to install."""

@@ -1,0 +1,41 @@
+"""Loader names -> modules, imported lazily so a missing optional extra gives a clear error."""
+
+from __future__ import annotations
+
+import importlib
+
+from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
+
+LOADER_MODULES = {
+    "dali": "pipelines.dali",
+    "ffcv": "pipelines.ffcv",
+    "torchvision": "pipelines.torchvision",
+    "synthetic": "pipelines.synthetic",
+}
+INSTALL_HINTS = {
+    "dali": "pip install -e '.[dali-cu13]' (CUDA 13 torch) or '.[dali]' (CUDA 12 torch); scripts/setup.sh picks",
+    "ffcv": "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install -e '.[ffcv]'",
+}
+
+
+def _import_loader_module(name: str):
+    if name not in LOADER_MODULES:
+        raise ValueError(f"unknown loader {name!r}; choose one of {', '.join(LOADER_MODULES)}")
+    try:
+        return importlib.import_module(LOADER_MODULES[name])
+    except ImportError as err:
+        hint = INSTALL_HINTS.get(name, "pip install -e .")
+        raise LoaderUnavailable(f"loader {name!r} is not installed ({err}); install it with: {hint}") from err
+
+
+def build_loader(name: str, cfg: LoaderConfig) -> TwoViewLoader:
+    """Build the named loader; every module exposes `build_loader(cfg) -> TwoViewLoader`."""
+    return _import_loader_module(name).build_loader(cfg)
+
+
+def is_available(name: str) -> bool:
+    try:
+        _import_loader_module(name)
+    except LoaderUnavailable:
+        return False
+    return True

@@ -1,0 +1,89 @@
+"""The BYOL view recipe: the one definition of both augmented views that every loader reads.
+
+Numbers follow ../shared/BYOL_RECIPE.md (Grill et al. 2020, Table 6). Loaders must not hard-code
+any of them; CLI flags override fields through `ViewRecipe.with_overrides`.
+
+Documented choices where the recipe allows two:
+- Brightness is torchvision's multiplicative factor (x * U[1-b, 1+b]), not the official additive
+  shift; contrast and saturation blend with the per-image gray mean / grayscale image; hue rotates.
+- Crop interpolation is bilinear (the common fast choice); the official code uses bicubic.
+- The four jitter ops run in a random order per sample where the loader can express it
+  (torchvision baseline, gpu_augment); DALI's fused colour twist applies them in one fixed order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Per-view photometric augmentations; each probability is drawn independently per sample."""
+
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    # On the [0, 1] scale: x -> 1 - x where x >= threshold.
+    solarize_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """Geometry shared by both views plus the two asymmetric photometric specs."""
+
+    res: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # The recipe's 23 px kernel at 224 px is 10% of the side, rounded to the next odd size.
+    blur_kernel_fraction: float = 0.1
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    view1: ViewSpec = field(default_factory=lambda: ViewSpec(blur_p=1.0, solarize_p=0.0))
+    view2: ViewSpec = field(default_factory=lambda: ViewSpec(blur_p=0.1, solarize_p=0.2))
+
+    @property
+    def views(self) -> tuple[ViewSpec, ViewSpec]:
+        return (self.view1, self.view2)
+
+    @property
+    def blur_kernel_size(self) -> int:
+        """Odd Gaussian kernel size for the output resolution (23 at 224, 7 at 64, 3 at 28)."""
+        size = math.ceil(self.blur_kernel_fraction * self.res)
+        return max(3, size if size % 2 == 1 else size + 1)
+
+    @property
+    def log_ratio(self) -> tuple[float, float]:
+        return (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
+
+    def mean_255(self) -> tuple[float, ...]:
+        return tuple(m * 255.0 for m in self.mean)
+
+    def std_255(self) -> tuple[float, ...]:
+        return tuple(s * 255.0 for s in self.std)
+
+    def with_overrides(self, res: int | None = None, min_scale: float | None = None) -> ViewRecipe:
+        """Return a copy with CLI overrides applied (None keeps the recipe value)."""
+        recipe = self
+        if res is not None:
+            if res < 8:
+                raise ValueError(f"--res must be at least 8 pixels, got {res}")
+            recipe = replace(recipe, res=res)
+        if min_scale is not None:
+            if not 0.0 < min_scale <= recipe.crop_scale[1]:
+                raise ValueError(f"--min-scale must be in (0, {recipe.crop_scale[1]}], got {min_scale}")
+            recipe = replace(recipe, crop_scale=(min_scale, recipe.crop_scale[1]))
+        return recipe
+
+
+BYOL_VIEWS = ViewRecipe()
