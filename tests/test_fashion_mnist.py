@@ -1,0 +1,43 @@
+"""The Fashion-MNIST reader against the dataset's published facts."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from pipelines.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST files not installed")
+
+
+@pytest.mark.parametrize(("split", "count"), [("train", 60000), ("test", 10000)])
+def test_shapes_and_balanced_labels(split: str, count: int) -> None:
+    images, labels = load_fashion_mnist(split)
+    assert images.shape == (count, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (count,) and labels.dtype == np.int64
+    # Both splits are exactly balanced over the 10 classes.
+    assert np.bincount(labels).tolist() == [count // 10] * 10
+
+
+def test_pixel_statistics_match_published_values() -> None:
+    images, _ = load_fashion_mnist("train")
+    unit = images.astype(np.float64) / 255
+    # The commonly quoted normalization constants of the training split.
+    assert unit.mean() == pytest.approx(0.2860, abs=5e-4)
+    assert unit.std() == pytest.approx(0.3530, abs=5e-4)
+
+
+def test_bad_split_and_bad_files(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        load_fashion_mnist("validation")
+    with pytest.raises(FileNotFoundError, match="FASHION_MNIST_DIR"):
+        load_fashion_mnist("train", root=tmp_path)
+    header = np.array([0x0803, 2, 28, 28], dtype=">u4").tobytes()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(header + bytes(28 * 28))  # one image of the two announced
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(np.array([0x0801, 2], dtype=">u4").tobytes() + bytes(2))
+    with pytest.raises(ValueError, match="truncated"):
+        load_fashion_mnist("train", root=tmp_path)
