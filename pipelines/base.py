@@ -34,6 +34,12 @@ class LoaderConfig:
     # Drop the last partial batch: BYOL's BN statistics and LARS trust ratios want full batches.
     drop_last: bool = True
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+
 
 class TwoViewLoader(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
