@@ -86,6 +86,7 @@ class TorchvisionTwoViewLoader:
 
     def __init__(self, cfg: LoaderConfig, index: ImageFolderIndex):
         self.cfg = cfg
+        self.index = index
         self.bad_files = index.bad_files
         self.sampler = ShardSampler(len(index.samples), cfg.rank, cfg.world_size, cfg.seed)
         self.loader = DataLoader(
