@@ -1,0 +1,166 @@
+"""FFCV two-view loader: each JPEG is decoded once on the CPU, cropped twice, and the photometric
+augmentations of both views run batched on the device (pipelines/gpu_augment.py).
+
+    loader = build_loader(LoaderConfig(data="train.beton", batch_size=256, device=torch.device("cuda")))
+
+Per batch: `TwoCropDecoder` (numba, parallel over samples) -> (B, 2, res, res, 3) uint8 ->
+ToTensor -> ToDevice(non_blocking) -> `TwoViewAugment` -> (view1, view2, labels) per
+pipelines/base.py. Create the .beton with `python -m pipelines.ffcv_convert`.
+
+Sharding: every rank gets the shard `DistributedSampler(num_replicas=cfg.world_size,
+rank=cfg.rank, seed=cfg.seed)` would give it. FFCV's own `distributed=True` builds that sampler
+from torch.distributed's process group; taking rank and world size from the config instead gives
+the same partition without needing an initialized group (and works in tests). QUASI_RANDOM order
+(for datasets larger than RAM) is single-process only, as in FFCV.
+
+Inputs are validated before FFCV compiles its pipeline: an error inside a compiled op happens in
+FFCV's loader thread and hangs the loop instead of raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.reader import Reader
+from ffcv.transforms import Squeeze, ToDevice, ToTensor
+from ffcv.traversal_order.base import TraversalOrder
+from torch.utils.data import DistributedSampler
+
+from pipelines.base import Batch, LoaderConfig
+from pipelines.ffcv_decoder import TwoCropDecoder
+from pipelines.gpu_augment import TwoViewAugment
+
+ORDERS = ("random", "quasi_random")
+CONVERT_HINT = "create one with: python -m pipelines.ffcv_convert --src <ImageFolder root> --out <file>.beton"
+
+
+class ShardedOrder(TraversalOrder):
+    """Shuffled (seed + epoch) order of this rank's shard, the same partition as DistributedSampler.
+
+    FFCV calls a TraversalOrder instance with the loader (`order(loader)`), which binds it here.
+    """
+
+    def __init__(self, rank: int, world_size: int, seed: int) -> None:
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.indices = np.empty(0, dtype=np.uint64)
+
+    def __call__(self, loader: Loader) -> ShardedOrder:
+        self.indices = loader.indices
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        sampler = DistributedSampler(
+            self.indices,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=False,
+        )
+        sampler.set_epoch(epoch)
+        return self.indices[np.fromiter(sampler, dtype=np.int64)]
+
+
+def read_beton(path: str) -> Reader:
+    """Open and check a .beton: it must hold an RGBImageField 'image' and an IntField 'label'."""
+    if not Path(path).is_file():
+        raise ValueError(f"FFCV dataset {path} does not exist; {CONVERT_HINT}")
+    try:
+        reader = Reader(path)
+    except Exception as err:  # ffcv raises assorted errors (AssertionError, IndexError) on bad files
+        raise ValueError(
+            f"{path} is not a readable .beton file ({type(err).__name__}: {err}); {CONVERT_HINT}"
+        ) from err
+    kinds = {name: type(handler) for name, handler in reader.handlers.items()}
+    if kinds.get("image") is not RGBImageField or kinds.get("label") is not IntField:
+        found = ", ".join(f"{n}: {k.__name__}" for n, k in kinds.items())
+        raise ValueError(
+            f"{path} must have fields image (RGBImageField) and label (IntField), found {found}; "
+            f"{CONVERT_HINT}"
+        )
+    if reader.num_samples == 0:
+        raise ValueError(f"{path} holds no samples; {CONVERT_HINT}")
+    return reader
+
+
+def validate(cfg: LoaderConfig, order: str, num_samples: int) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "quasi_random" and cfg.world_size > 1:
+        raise ValueError(
+            "quasi_random order is single-process only (as in FFCV); use order='random' with several ranks"
+        )
+    if cfg.recipe.res < 8:
+        raise ValueError(f"crop resolution must be at least 8 pixels, got {cfg.recipe.res}")
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be at least 1, got {cfg.workers}")
+    per_rank = -(-num_samples // cfg.world_size)
+    if cfg.drop_last and cfg.batch_size > per_rank:
+        raise ValueError(
+            f"batch size {cfg.batch_size} is larger than this rank's {per_rank} samples of "
+            f"{cfg.data}, so drop_last leaves no batch; lower --batch-size"
+        )
+
+
+class FfcvTwoViewLoader:
+    """TwoViewLoader over an FFCV Loader with the decode-once two-crop decoder."""
+
+    def __init__(
+        self, cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3, compile_augment: bool = False
+    ) -> None:
+        reader = read_beton(cfg.data)
+        validate(cfg, order, int(reader.num_samples))
+        device = torch.device(cfg.device)
+        self.decoder = TwoCropDecoder(cfg.recipe, seed=cfg.seed)
+        # On the CPU the batch is already where it must be; ToDevice would only add a copy.
+        to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
+        traversal = (
+            OrderOption.QUASI_RANDOM
+            if order == "quasi_random"
+            else ShardedOrder(cfg.rank, cfg.world_size, cfg.seed)
+        )
+        self.loader = Loader(
+            cfg.data,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            os_cache=True,
+            order=traversal,
+            distributed=False,
+            seed=cfg.seed,
+            drop_last=cfg.drop_last,
+            batches_ahead=batches_ahead,
+            pipelines={
+                "image": PipelineSpec("image", decoder=self.decoder, transforms=[ToTensor(), *to_device]),
+                "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device],
+            },
+        )
+        self.augment = TwoViewAugment(cfg.recipe, cfg.dtype, compile=compile_augment).to(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def crops(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of raw (B, 2, res, res, 3) uint8 crops and int labels (before augmentation)."""
+        self.decoder.set_epoch(self.loader.next_epoch)
+        yield from self.loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        for crops, labels in self.crops():
+            view1, view2 = self.augment(crops)
+            yield view1, view2, labels.long().view(-1)
+
+
+def build_loader(
+    cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3, compile_augment: bool = False
+) -> FfcvTwoViewLoader:
+    return FfcvTwoViewLoader(cfg, order=order, batches_ahead=batches_ahead, compile_augment=compile_augment)
