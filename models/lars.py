@@ -1,0 +1,117 @@
+"""LARS with the official BYOL semantics, multi-tensor and free of host-device syncs.
+
+Per parameter p with gradient g (see ../shared/BYOL_RECIPE.md):
+    u = g + wd * p
+    r = eta * ||p|| / ||u||   (r = 1 where ||p|| == 0 or ||u|| == 0)
+    m = mu * m + r * u
+    p = p - lr * m
+Parameters in a group with `lars_adapt=False` (by default every 1-D tensor: biases and norm
+weights) get neither weight decay nor the trust ratio: plain SGD with momentum.
+
+This differs from the LARC / timm / torch-optimizer formula r = eta ||p|| / (||g|| + wd ||p||).
+Every operation is a `torch._foreach_*` call over a whole group, the norms are stacked on the
+device and the zero-norm cases are chosen with `torch.where`, so `step()` launches a few kernels
+per group and never waits for the GPU. `lr` may be a tensor (see `set_lr`) so a compiled step
+does not recompile as the schedule moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+def split_1d_params(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move every 1-D tensor of each group into a sibling group without weight decay or trust ratio."""
+    result = []
+    for group in groups:
+        params = list(group["params"])
+        matrices = [p for p in params if p.ndim > 1]
+        vectors = [p for p in params if p.ndim <= 1]
+        if matrices:
+            result.append({**group, "params": matrices})
+        if vectors:
+            result.append({**group, "params": vectors, "weight_decay": 0.0, "lars_adapt": False})
+    return result
+
+
+class LARS(Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 1e-3,
+        exclude_1d: bool = True,
+    ):
+        if not isinstance(lr, torch.Tensor) and lr < 0:
+            raise ValueError(f"LARS: lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0 or eta <= 0:
+            raise ValueError(f"LARS: need weight_decay >= 0 and eta > 0, got {weight_decay}, {eta}")
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        if exclude_1d:
+            groups = split_1d_params(groups)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_adapt=True)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
+        return loss
+
+    def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffers.append(state["momentum_buffer"])
+        return buffers
+
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        weight_decay = group["weight_decay"]
+        updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
+        if group["lars_adapt"]:
+            param_norms = torch.stack(torch._foreach_norm(params))
+            update_norms = torch.stack(torch._foreach_norm(updates))
+            ratios = torch.where(
+                (param_norms > 0) & (update_norms > 0),
+                group["eta"] * param_norms / update_norms,
+                torch.ones_like(param_norms),
+            )
+            updates = torch._foreach_mul(updates, list(ratios.unbind()))
+        if group["momentum"]:
+            buffers = self._momentum_buffers(params)
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            updates = buffers
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            torch._foreach_sub_(params, torch._foreach_mul(updates, lr))
+        else:
+            torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    """Set every group's lr; tensor lrs are filled in place (no host sync, no recompile)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -1,0 +1,40 @@
+"""--optimizer choices. `lars` (the default) is the fused official-semantics LARS; the others come
+from torch-optimizer: `lars-reference` is its per-parameter LARC-style LARS (the baseline the
+benchmarks compare against), `lamb` its LAMB."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch_optimizer
+
+from models.lars import LARS, split_1d_params
+
+OPTIMIZERS = ("lars", "lars-reference", "lamb", "sgd")
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    eta: float = 1e-3,
+    device: torch.device | str = "cpu",
+) -> torch.optim.Optimizer:
+    """Every choice excludes 1-D tensors (biases, norm weights) from weight decay (and trust ratio)."""
+    groups = split_1d_params([{"params": list(params)}])
+    if name == "lars":
+        # A device tensor lr lets the compiled step read the schedule without recompiling.
+        lr_tensor = torch.tensor(lr, dtype=torch.float32, device=device)
+        return LARS(groups, lr=lr_tensor, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude_1d=False)
+    for group in groups:
+        group.pop("lars_adapt", None)
+    if name == "lars-reference":
+        return torch_optimizer.LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=eta)
+    if name == "lamb":
+        return torch_optimizer.Lamb(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

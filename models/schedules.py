@@ -1,0 +1,24 @@
+"""Per-step schedules from the recipe: LR (scaled, linear warmup, cosine to 0) and target EMA tau."""
+
+from __future__ import annotations
+
+import math
+
+
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+    """lr = base_lr * batch / 256 (the recipe's linear scaling rule)."""
+    return base_lr * global_batch_size / 256
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> float:
+    """Linear warmup from 0 to peak over warmup_steps, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def tau_at(step: int, total_steps: int, tau_base: float) -> float:
+    """tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2: tau_base at k = 0, 1 at k = K."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1) / 2

@@ -1,0 +1,74 @@
+"""One whole BYOL optimisation step from two device views.
+
+online on both views -> target on both views -> symmetric loss -> backward -> optimizer step ->
+EMA target update. bf16/fp16 autocast on CUDA, channels_last inputs, optionally torch.compile'd.
+Schedule values arrive as Python floats and are written into device tensors with `fill_`, so the
+compiled graphs never recompile as lr/tau move and nothing in the step waits for the GPU; the
+returned loss stays on the device until the caller decides to read it (every N steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from models.byol import BYOL, ema_update_
+from models.lars import set_lr
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class ByolStep:
+    def __init__(
+        self,
+        byol: BYOL,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        precision: str = "bf16",
+        compile: bool = True,
+        online: nn.Module | None = None,
+    ):
+        """`online` is the module that runs the online network: DDP(byol.online) under DDP."""
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+        self.byol = byol
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.online = online if online is not None else byol.online
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+        # fp16 needs loss scaling; bf16 has fp32's range and does not. The scaler's inf check syncs.
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.tau = torch.zeros((), device=self.device)
+        self.target_params, self.online_params = byol.ema_pairs()
+        self._loss = torch.compile(self._forward_loss) if compile else self._forward_loss
+        self._ema = torch.compile(self._ema_update) if compile else self._ema_update
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward_loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.byol(v1, v2, online=self.online)
+
+    def _ema_update(self) -> None:
+        ema_update_(self.target_params, self.online_params, self.tau)
+
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor, lr: float, tau: float) -> torch.Tensor:
+        """Run one step and return the loss as a detached device tensor (no host sync)."""
+        set_lr(self.optimizer, lr)
+        self.tau.fill_(tau)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(v1, v2)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self._ema()
+        return loss.detach()
