@@ -50,12 +50,15 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill the None options with the recipe's values for this run length."""
-        epochs = self.epochs
-        base_lr = self.base_lr if self.base_lr is not None else 0.2 if epochs >= 1000 else 0.3 if epochs >= 300 else 0.45
-        weight_decay = self.weight_decay if self.weight_decay is not None else 1.5e-6 if epochs >= 1000 else 1e-6
-        tau_base = self.tau_base if self.tau_base is not None else 0.996 if epochs >= 1000 else 0.99 if epochs > 40 else 0.97
-        small = self.small_images if self.small_images is not None else self.res <= 64
-        return replace(self, base_lr=base_lr, weight_decay=weight_decay, tau_base=tau_base, small_images=small)
+        long, medium = self.epochs >= 1000, self.epochs >= 300
+        recipe = {
+            "base_lr": 0.2 if long else 0.3 if medium else 0.45,
+            "weight_decay": 1.5e-6 if long else 1e-6,
+            "tau_base": 0.996 if long else 0.99 if self.epochs > 40 else 0.97,
+            "small_images": self.res <= 64,
+        }
+        return replace(self, **{name: value if getattr(self, name) is None else getattr(self, name)
+                                for name, value in recipe.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

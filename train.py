@@ -1,4 +1,7 @@
-"""BYOL pretraining: python train.py --loader synthetic --device cpu --arch resnet18 --res 64 --batch-size 32 --steps 20"""
+"""BYOL pretraining.
+
+    python train.py --loader synthetic --device cpu --arch resnet18 --res 64 --batch-size 32 --steps 20
+"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class SyntheticLoader:
         self.cfg = cfg
         self.batches = samples_per_epoch // (cfg.batch_size * cfg.world_size)
         if self.batches < 1:
-            raise ValueError(f"batch size {cfg.batch_size} x {cfg.world_size} ranks exceeds {samples_per_epoch} samples")
+            raise ValueError(f"batch {cfg.batch_size} x {cfg.world_size} ranks exceeds {samples_per_epoch} samples")
         generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed + cfg.rank)
         shape = (cfg.batch_size, 3, cfg.recipe.res, cfg.recipe.res)
         self.pool = [
