@@ -10,8 +10,9 @@ pipelines/base.py. Create the .beton with `python -m pipelines.ffcv_convert`.
 Sharding: every rank gets the shard `DistributedSampler(num_replicas=cfg.world_size,
 rank=cfg.rank, seed=cfg.seed)` would give it. FFCV's own `distributed=True` builds that sampler
 from torch.distributed's process group; taking rank and world size from the config instead gives
-the same partition without needing an initialized group (and works in tests). QUASI_RANDOM order
-(for datasets larger than RAM) is single-process only, as in FFCV.
+the same partition without needing an initialized group (and works in tests). Orders: 'random'
+(default), 'sequential' (file order, for evaluation and feature extraction) and 'quasi_random'
+(FFCV's QUASI_RANDOM, for datasets larger than RAM; single-process only, as in FFCV).
 
 Inputs are validated before FFCV compiles its pipeline: an error inside a compiled op happens in
 FFCV's loader thread and hangs the loop instead of raising.
@@ -37,18 +38,18 @@ from pipelines.base import Batch, LoaderConfig
 from pipelines.ffcv_decoder import TwoCropDecoder
 from pipelines.gpu_augment import TwoViewAugment
 
-ORDERS = ("random", "quasi_random")
+ORDERS = ("random", "sequential", "quasi_random")
 CONVERT_HINT = "create one with: python -m pipelines.ffcv_convert --src <ImageFolder root> --out <file>.beton"
 
 
 class ShardedOrder(TraversalOrder):
-    """Shuffled (seed + epoch) order of this rank's shard, the same partition as DistributedSampler.
+    """This rank's shard in DistributedSampler's partition, shuffled per (seed, epoch) or in file order.
 
     FFCV calls a TraversalOrder instance with the loader (`order(loader)`), which binds it here.
     """
 
-    def __init__(self, rank: int, world_size: int, seed: int) -> None:
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+    def __init__(self, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.indices = np.empty(0, dtype=np.uint64)
 
     def __call__(self, loader: Loader) -> ShardedOrder:
@@ -60,7 +61,7 @@ class ShardedOrder(TraversalOrder):
             self.indices,
             num_replicas=self.world_size,
             rank=self.rank,
-            shuffle=True,
+            shuffle=self.shuffle,
             seed=self.seed,
             drop_last=False,
         )
@@ -124,7 +125,7 @@ class FfcvTwoViewLoader:
         traversal = (
             OrderOption.QUASI_RANDOM
             if order == "quasi_random"
-            else ShardedOrder(cfg.rank, cfg.world_size, cfg.seed)
+            else ShardedOrder(cfg.rank, cfg.world_size, cfg.seed, shuffle=order == "random")
         )
         self.loader = Loader(
             cfg.data,

@@ -153,13 +153,17 @@ class _WriterHooks:
         time.sleep(seconds)
         failed = [w for w in self.workers if w.exitcode not in (None, 0)]
         if failed:
-            for worker in self.workers:
-                if worker.is_alive():
-                    worker.kill()
             raise ConversionError(
                 f"a writer worker exited with code {failed[0].exitcode} (its traceback is "
                 "above); fix or remove that file and run again"
             )
+
+    def stop_workers(self) -> None:
+        """Kill the workers still running: they append to the output file by name."""
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -209,6 +213,7 @@ def write_beton(dataset, out: str | os.PathLike, image_field, workers: int, prog
             writer.from_indexed_dataset(dataset, chunksize=min(100, max(1, len(dataset) // (4 * workers))))
         os.replace(tmp, out)
     except BaseException:
+        hooks.stop_workers()
         _release_shared_memory(writer)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

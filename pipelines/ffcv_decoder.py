@@ -94,6 +94,26 @@ def random_crop(
     return (height - h) // 2, (width - w) // 2, h, w, state
 
 
+@numba.njit
+def view_crop(
+    height: int,
+    width: int,
+    scale_lo: float,
+    scale_hi: float,
+    log_ratio_lo: float,
+    log_ratio_hi: float,
+    seed: int,
+    epoch: int,
+    index: int,
+    view: int,
+) -> tuple[int, int, int, int]:
+    """Crop (top, left, h, w) of `view` of sample `index` in `epoch`: deterministic per key."""
+    top, left, h, w, _ = random_crop(
+        height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, sample_key(seed, epoch, index, view)
+    )
+    return top, left, h, w
+
+
 class TwoCropDecoder(Operation):
     """Decode an RGBImageField once; emit two random-resized crops per sample, (2, res, res, 3) uint8."""
 
@@ -147,9 +167,8 @@ class TwoCropDecoder(Operation):
                 else:
                     image = image_data.reshape(height, width, 3)
                 for view in range(2):
-                    state = sample_key(seed, epoch, source_ix, view)
-                    top, left, h, w, state = random_crop(
-                        height, width, scale_lo, scale_hi, ratio_lo, ratio_hi, state
+                    top, left, h, w = view_crop(
+                        height, width, scale_lo, scale_hi, ratio_lo, ratio_hi, seed, epoch, source_ix, view
                     )
                     resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix, view])
             return destination[: len(batch_indices)]
