@@ -9,7 +9,7 @@ with p -> solarize with p -> flip + normalize in one `crop_mirror_normalize`. Fl
 because it commutes with the photometric ops, so it costs nothing extra there.
 
 Probabilities are expressed through parameters, not branches: an op that does not fire gets its
-identity parameters (brightness 1, sigma ~0, XOR mask 0). That keeps one static graph with no
+identity parameters (brightness 1, a 1-tap blur window, XOR mask 0). That keeps one static graph with no
 batch splitting; an op whose probability is 0 for a view is left out of that view's graph.
 
 Choices the recipe leaves open (see also pipelines/views.py):
@@ -35,6 +35,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.base import Batch, LoaderConfig
@@ -49,8 +50,6 @@ DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
 # Share of baseline JPEGs sent to the A100/H100 hardware decoder; the rest use CUDA nvJPEG.
 HW_DECODER_LOAD = 0.65
-# A sigma this small makes the Gaussian kernel an exact identity (exp(-1 / 2e-6) == 0).
-NO_BLUR_SIGMA = 1e-3
 
 
 class DaliLoaderError(RuntimeError):
@@ -90,12 +89,19 @@ def _colour(img, spec: ViewSpec):
 
 
 def _blur(img, spec: ViewSpec, kernel: int):
+    """Gaussian blur with p = blur_p, sigma ~ U[blur_sigma], window at most the recipe's kernel.
+
+    The window is 2 ceil(3 sigma) + 1 when that is smaller than the recipe's kernel: the cut tails
+    hold < 0.3% of the kernel mass (under one grey level), and the blur, the costliest op on CPU,
+    gets up to 2.5x cheaper. A sample that is not blurred gets a 1-tap window (an exact copy).
+    """
     if spec.blur_p == 0:
         return img
     sigma = _uniform(*spec.blur_sigma)
+    window = dmath.min(2 * dmath.ceil(3 * sigma) + 1, kernel)
     if spec.blur_p < 1:
-        sigma = _when(_coin(spec.blur_p), sigma, NO_BLUR_SIGMA)
-    return fn.gaussian_blur(img, window_size=kernel, sigma=sigma)
+        window = _when(_coin(spec.blur_p), window, 1)
+    return fn.gaussian_blur(img, window_size=fn.cast(window, dtype=types.INT32), sigma=sigma)
 
 
 def _solarize(img, spec: ViewSpec):
