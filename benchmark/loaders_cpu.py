@@ -1,0 +1,145 @@
+"""CPU side-by-side: DALI-CPU two-view loader vs the torchvision baseline, images/s (an image = two views).
+
+    python -m benchmark.make_corpus --out /tmp/corpus2k --images 1000 --classes 10
+    python -m benchmark.loaders_cpu --data /tmp/corpus2k [--cores 2 --res 224 --batch 64]
+
+Both loaders run the full recipe on the same corpus and core budget, one after the other. Warm-up
+batches are excluded; the figure is the median over repetitions. Writes a table to stdout and JSON to
+benchmark/results/cpu-<date>-loaders.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from pipelines.base import Batch, LoaderConfig, TwoViewLoader
+from pipelines.registry import build_loader
+from pipelines.views import BYOL_VIEWS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def endless(loader: TwoViewLoader) -> Iterator[Batch]:
+    """Batches across epoch boundaries, calling set_epoch as a trainer would."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure_loader(loader: TwoViewLoader, warmup_batches: int, batches: int, repeats: int) -> dict:
+    """Images/s over `repeats` timed runs of `batches` batches each, after `warmup_batches` untimed ones.
+
+    The stream continues across runs (no restart), so every run sees a warm pipeline.
+    """
+    stream = endless(loader)
+    for _ in range(warmup_batches):
+        next(stream)
+    rates = []
+    for _ in range(repeats):
+        images = 0
+        start = time.perf_counter()
+        for _ in range(batches):
+            images += next(stream)[2].numel()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates.append(images / (time.perf_counter() - start))
+    return {"images_per_s": statistics.median(rates), "runs_images_per_s": rates,
+            "warmup_batches": warmup_batches, "batches_per_run": batches, "repeats": repeats}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "pillow", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="ImageFolder root (build one with benchmark.make_corpus)")
+    parser.add_argument("--loaders", nargs="+", default=["dali", "torchvision"])
+    parser.add_argument("--cores", type=int, default=2, help="pin the run (and loader workers) to this many cores")
+    parser.add_argument("--res", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches per loader")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per repetition")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmark/results/cpu-<date>-loaders.json)")
+    args = parser.parse_args(argv)
+
+    cores = sorted(os.sched_getaffinity(0))[: args.cores]
+    os.sched_setaffinity(0, cores)  # inherited by DataLoader workers and DALI threads
+    torch.set_num_threads(len(cores))
+    recipe = BYOL_VIEWS.with_overrides(res=args.res)
+    results = {}
+    for name in args.loaders:
+        cfg = LoaderConfig(data=args.data, batch_size=args.batch, recipe=recipe, workers=len(cores))
+        loader = build_loader(name, cfg)
+        results[name] = measure_loader(loader, args.warmup, args.batches, args.repeats)
+        del loader  # stop its threads/workers before the next loader runs
+        gc.collect()
+
+    baseline = results.get("torchvision", {}).get("images_per_s")
+    print(f"{'loader':<14}{'images/s':>10}{'x torchvision':>15}   runs")
+    for name, result in results.items():
+        speedup = f"{result['images_per_s'] / baseline:.2f}" if baseline else "-"
+        runs = ", ".join(f"{rate:.0f}" for rate in result["runs_images_per_s"])
+        print(f"{name:<14}{result['images_per_s']:>10.1f}{speedup:>15}   {runs}")
+
+    now = dt.datetime.now(dt.UTC)
+    report = {
+        "date": now.isoformat(timespec="seconds"), "git_commit": _git_commit(), "versions": _versions(),
+        "device": {"kind": "cpu", "model": _cpu_model(), "cores_used": len(cores),
+                   "cores_available": os.cpu_count()},
+        "setup": {"data": str(Path(args.data).resolve()), "res": args.res, "batch_size": args.batch,
+                  "recipe": "BYOL_VIEWS (full)", "image": "one decode, two views"},
+        "results": results,
+    }
+    out = args.out or RESULTS / f"cpu-{now:%Y%m%d}-loaders.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
