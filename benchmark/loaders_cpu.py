@@ -73,11 +73,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _run(command: list[str]) -> str:
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 def _git_commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout
+        commit = _run(["git", "rev-parse", "HEAD"])
+        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.strip() + ("+dirty" if dirty.strip() else "")
@@ -94,22 +97,25 @@ def _versions() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="ImageFolder root (build one with benchmark.make_corpus)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="ImageFolder root (see benchmark.make_corpus)")
     parser.add_argument("--loaders", nargs="+", default=["dali", "torchvision"])
-    parser.add_argument("--cores", type=int, default=2, help="pin the run (and loader workers) to this many cores")
+    parser.add_argument("--cores", type=int, default=2, help="pin the run (and its workers) to this many cores")
     parser.add_argument("--res", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches per loader")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per repetition")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmark/results/cpu-<date>-loaders.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmark/results/cpu-<date>-loaders.json)")
     args = parser.parse_args(argv)
 
     cores = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cores)  # inherited by DataLoader workers and DALI threads
     torch.set_num_threads(len(cores))
     recipe = BYOL_VIEWS.with_overrides(res=args.res)
+    load_before = os.getloadavg()
     results = {}
     for name in args.loaders:
         cfg = LoaderConfig(data=args.data, batch_size=args.batch, recipe=recipe, workers=len(cores))
@@ -129,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": now.isoformat(timespec="seconds"), "git_commit": _git_commit(), "versions": _versions(),
         "device": {"kind": "cpu", "model": _cpu_model(), "cores_used": len(cores),
-                   "cores_available": os.cpu_count()},
+                   "cores_available": os.cpu_count(),
+                   # Other processes on the machine skew the figures; the 1-minute load shows how much.
+                   "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]},
         "setup": {"data": str(Path(args.data).resolve()), "res": args.res, "batch_size": args.batch,
                   "recipe": "BYOL_VIEWS (full)", "image": "one decode, two views"},
         "results": results,
