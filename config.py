@@ -8,9 +8,11 @@ recipe's value for the run length (`TrainConfig.resolved`), per ../shared/BYOL_R
 from __future__ import annotations
 
 import argparse
+import tomllib
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -22,12 +24,14 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> A
 class TrainConfig:
     loader: str = option("synthetic", "data loader", ("dali", "ffcv", "torchvision", "synthetic"))
     data: str = option("fashion-mnist", "ImageFolder root, .beton file (ffcv), or built-in dataset name")
-    device: str = option("auto", "training device (auto: cuda if available)", ("auto", "cpu", "cuda"))
+    gpus: int | None = option(None, "GPUs to train on, one process each (default: all visible GPUs, 0 on a "
+                              "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead")
+    processes: int = option(1, "CPU processes (gloo DDP) when --gpus 0: exercises the distributed path without GPUs")
     arch: str = option("resnet50", "encoder", ("resnet18", "resnet34", "resnet50"))
     small_images: bool | None = option(None, "CIFAR-style stem (default: on when --res <= 64)")
     res: int = option(224, "output resolution of both views")
     min_scale: float | None = option(None, "smallest random-resized-crop area fraction (recipe: 0.08)")
-    batch_size: int = option(256, "GLOBAL batch size (split evenly over all processes)")
+    batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)")
     epochs: int = option(100, "training epochs")
     steps: int | None = option(None, "stop after this many optimizer steps (schedule still spans them)")
     optimizer: str = option("lars", "optimizer", ("lars", "lars-reference", "lamb", "sgd"))
@@ -40,13 +44,20 @@ class TrainConfig:
     hidden_dim: int = option(4096, "projector/predictor hidden width")
     proj_dim: int = option(256, "projection size")
     bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views")
+    sync_bn: bool = option(True, "SyncBatchNorm over all GPUs in online and target networks (CUDA only)")
     precision: str = option("bf16", "autocast precision on CUDA (CPU runs fp32 unless bf16 is asked)",
                             ("bf16", "fp16", "fp32"))
     compile: bool = option(True, "torch.compile the step")
     workers: int = option(4, "loader worker threads/processes per process")
     seed: int = option(0, "random seed")
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible resume; slower)")
     log_every: int = option(10, "read metrics from the device every N steps")
-    out: str = option("runs/byol", "output folder")
+    out: str = option("runs/byol", "output folder: checkpoints/, metrics.csv/.jsonl, metrics.png, backbone.pt")
+    resume: bool = option(False, "continue from the newest valid checkpoint in --out (starts fresh if there is none)")
+    eval_every: int = option(0, "run the kNN monitor every N epochs (0: off)")
+    checkpoint_every: int = option(1, "save a checkpoint every N epochs (0: off)")
+    checkpoint_minutes: float = option(30.0, "also save every M minutes of training (0: off)")
+    keep_checkpoints: int = option(3, "keep the newest K checkpoints")
 
     def resolved(self) -> TrainConfig:
         """Fill the None options with the recipe's values for this run length."""
@@ -64,6 +75,10 @@ class TrainConfig:
         return asdict(self)
 
 
+class ConfigError(ValueError):
+    """A bad --config file or value; the message is one line that says what to do."""
+
+
 def _base_type(annotation: str) -> type:
     hint = typing.get_type_hints(TrainConfig)[annotation]
     if isinstance(hint, types.UnionType):
@@ -73,6 +88,8 @@ def _base_type(annotation: str) -> type:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(description="BYOL pretraining")
+    parser.add_argument("--config", metavar="FILE", help="TOML or YAML file of options (keys are the flag names); "
+                        "flags given on the command line override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(f.name)
@@ -87,3 +104,57 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Options from a TOML (stdlib tomllib) or YAML (needs pyyaml) file, checked against TrainConfig."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"--config {path}: YAML needs pyyaml (pip install pyyaml); "
+                                  "or write the file as TOML") from None
+            values = yaml.safe_load(text) or {}
+        else:
+            values = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"--config {path}: not valid {'YAML' if file.suffix != '.toml' else 'TOML'}: "
+                          f"{str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a table of option = value pairs")
+    return {name: _checked_value(path, name, value) for name, value in
+            ((key.replace("-", "_"), value) for key, value in values.items())}
+
+
+def _checked_value(path: str, name: str, value: Any) -> Any:
+    known = {f.name: f for f in fields(TrainConfig)}
+    if name not in known:
+        raise ConfigError(f"--config {path}: unknown option {name!r}; valid options are the flag names "
+                          "of train.py --help")
+    kind = _base_type(name)
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"--config {path}: {name} must be {kind.__name__}, got {value!r}")
+    choices = known[name].metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"--config {path}: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Command line -> TrainConfig: defaults, then the --config file, then explicit flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**read_config_file(args.config))
+        args = parser.parse_args(argv)
+    return config_from_args(args)

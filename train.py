@@ -1,39 +1,87 @@
 """BYOL pretraining.
 
-    python train.py --loader synthetic --device cpu --arch resnet18 --res 64 --batch-size 32 --steps 20
+    python train.py --loader dali --data /imagenet/train --epochs 100            # all visible GPUs
+    python train.py --loader synthetic --gpus 0 --arch resnet18 --res 32 --batch-size 64 --steps 30
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train.py --loader dali --data ...
+
+Every process runs `train`: build the loader shard and the model, restore the newest valid
+checkpoint with --resume, then step. The loss is read from the device only at log points (every
+--log-every steps and at epoch ends); those points are also where ranks agree on stopping
+(SIGTERM/SIGINT), time-based checkpoints and NaN, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from config import TrainConfig, build_parser, config_from_args
+from config import ConfigError, TrainConfig, parse_config
 from models.backbones import build_backbone
 from models.byol import BYOL
 from models.optim import build_optimizer
 from models.schedules import lr_at, scaled_lr, tau_at
 from models.step import ByolStep
-from pipelines.base import LoaderConfig, LoaderUnavailable
+from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
+from runtime import preflight
+from runtime.checkpoint import (
+    CheckpointDir,
+    CorruptCheckpoint,
+    export_backbone,
+    restore_training_state,
+    rng_state,
+    set_rng_state,
+    training_state,
+)
+from runtime.distributed import (
+    World,
+    agree,
+    close_world,
+    gather_to_main,
+    init_world,
+    launch,
+    planned_processes,
+    wrap_online,
+)
+from runtime.metrics import Display, MetricsLog, Window, plot_metrics
+from runtime.signals import StopRequest
+
+NAN_EXIT_CODE = 3
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def view_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """Views arrive in the autocast dtype on CUDA (half the bytes); fp32 on CPU unless bf16 was asked."""
+    """Views arrive in the autocast dtype on CUDA (half the bytes); fp32 on CPU."""
     if device.type == "cuda":
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     return torch.float32
+
+
+def make_loader(cfg: TrainConfig, world: World) -> TwoViewLoader:
+    """This rank's shard: per-process batch = global batch / world size."""
+    return build_loader(cfg.loader, LoaderConfig(
+        data=cfg.data, batch_size=cfg.batch_size // world.size,
+        recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale), device=world.device,
+        dtype=view_dtype(cfg, world.device), workers=cfg.workers, seed=cfg.seed,
+        rank=world.rank, world_size=world.size,
+    ))
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> BYOL:
@@ -42,57 +90,145 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BYOL:
     return byol.to(device, memory_format=torch.channels_last)
 
 
-def train(cfg: TrainConfig) -> dict[str, float]:
-    cfg = cfg.resolved()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    recipe = BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale)
-    loader = build_loader(cfg.loader, LoaderConfig(
-        data=cfg.data, batch_size=cfg.batch_size, recipe=recipe, device=device,
-        dtype=view_dtype(cfg, device), workers=cfg.workers, seed=cfg.seed,
-    ))
+def knn_top1(byol: BYOL, cfg: TrainConfig, world: World) -> float:
+    from evaluation import knn_monitor  # optional package; preflight checked it is importable
+
+    return knn_monitor(byol.online.encoder, data=cfg.data, res=cfg.res, device=world.device)
+
+
+def train(cfg: TrainConfig, world: World) -> int:
+    seed_all(cfg.seed)  # the same initial weights on every rank
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    loader = make_loader(cfg, world)
     steps_per_epoch = len(loader)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
 
-    byol = build_model(cfg, device)
+    byol = build_model(cfg, world.device)
+    online = wrap_online(byol, world, cfg.sync_bn)
     optimizer = build_optimizer(cfg.optimizer, byol.online.parameters(), peak_lr, cfg.weight_decay,
-                                cfg.momentum, cfg.eta, device)
-    precision = cfg.precision if device.type == "cuda" else "fp32"
-    step_fn = ByolStep(byol, optimizer, device, precision=precision, compile=cfg.compile)
+                                cfg.momentum, cfg.eta, world.device)
+    precision = cfg.precision if world.device.type == "cuda" else "fp32"
+    step_fn = ByolStep(byol, optimizer, world.device, precision=precision, compile=cfg.compile, online=online)
 
-    print(f"training {cfg.arch} on {cfg.loader}:{cfg.data} at {cfg.res}px, batch {cfg.batch_size}, "
-          f"{total_steps} steps on {device}")
-    step, last_loss, window_start, window_images = 0, float("nan"), time.perf_counter(), 0
-    images_per_second = 0.0
-    while step < total_steps:
-        loader.set_epoch(step // steps_per_epoch)
-        for view1, view2, _ in loader:
-            loss = step_fn(view1, view2, lr_at(step, total_steps, peak_lr, warmup_steps),
-                           tau_at(step, total_steps, cfg.tau_base))
-            step += 1
-            window_images += view1.shape[0]
-            if step % cfg.log_every == 0 or step == total_steps:
-                last_loss = loss.item()  # the only host sync: once per log window
-                elapsed = time.perf_counter() - window_start
-                images_per_second = window_images / elapsed
-                print(f"step {step:6d}/{total_steps}  loss {last_loss:.4f}  "
-                      f"lr {lr_at(step, total_steps, peak_lr, warmup_steps):.4g}  {images_per_second:,.0f} img/s")
-                window_start, window_images = time.perf_counter(), 0
-            if step == total_steps:
-                break
-    return {"loss": last_loss, "images_per_second": images_per_second, "steps": step}
+    ckpts = preflight.checkpoint_dir(cfg)
+    step = resume(cfg, world, ckpts, byol, optimizer, step_fn) if cfg.resume else 0
+    if step == 0:
+        seed_all(cfg.seed + world.rank)  # different augmentation draws per rank
+
+    def save() -> None:
+        rng = gather_to_main(world, rng_state())
+        if world.is_main:
+            ckpts.save(step, training_state(byol, optimizer, step_fn.scaler, step, steps_per_epoch, rng,
+                                            cfg.to_dict()))
+
+    out = Path(cfg.out)
+    log = MetricsLog(out, resume_step=step) if world.is_main else None
+    display = Display(total_steps, step, enabled=world.is_main)
+    display.message(f"training {cfg.arch} on {cfg.loader}:{cfg.data} at {cfg.res}px, global batch {cfg.batch_size} "
+                    f"over {world.size} process(es) on {world.device.type}, steps {step}->{total_steps}")
+    stop, window = StopRequest(), Window()
+    last_save, started = time.monotonic(), time.monotonic()
+    try:
+        while step < total_steps:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch)
+            # On resume, the batches this epoch already trained on are drawn again and skipped.
+            for view1, view2, _ in window.timed(itertools.islice(iter(loader), done_in_epoch, None)):
+                lr, tau = lr_at(step, total_steps, peak_lr, warmup_steps), tau_at(step, total_steps, cfg.tau_base)
+                loss = step_fn(view1, view2, lr, tau)
+                step += 1
+                window.images += view1.shape[0] * world.size
+                epoch_done, finished = step % steps_per_epoch == 0, step == total_steps
+                single_stop = stop.requested and world.size == 1  # one process can stop after any step
+                if step % cfg.log_every and not (epoch_done or finished or single_stop):
+                    continue
+                time_due = cfg.checkpoint_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes
+                loss_value, (stopping, time_due) = agree(world, loss, [stop.requested, time_due])
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(f"loss is {loss_value} at step {step}: stopped without saving this state")
+                images_per_s, wait = window.close()
+                record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "tau": tau,
+                          "images_per_s": images_per_s, "loader_wait": wait,
+                          "elapsed_s": time.monotonic() - started}
+                if epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and world.is_main:
+                    record["knn_top1"] = knn_top1(byol, cfg, world)
+                if log is not None:
+                    log.write(record)
+                display.update(record)
+                epoch_save = epoch_done and cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
+                if stopping or time_due or epoch_save or finished:
+                    save()
+                    last_save = time.monotonic()
+                if stopping:
+                    display.message(f"stopped by signal {stop.signum} after step {step}; checkpoint saved in "
+                                    f"{ckpts.folder}; continue with --resume")
+                    return stop.exit_code
+                if finished:
+                    break
+    finally:
+        stop.restore()
+        display.close()
+        if log is not None:
+            log.close()
+    if world.is_main:
+        export_backbone(out / "backbone.pt", byol.online.encoder)
+        plotted = plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+        display.message(f"done: {out / 'backbone.pt'} (torchvision {cfg.arch} state_dict), metrics.csv/.jsonl"
+                        + (", metrics.png" if plotted else "") + f" in {out}")
+    return 0
+
+
+def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL,
+           optimizer: torch.optim.Optimizer, step_fn: ByolStep) -> int:
+    """Load the newest valid checkpoint into the run; return its step (0 if there is none)."""
+    found = ckpts.load_newest_valid(world.device)
+    if found is None:
+        if world.is_main:
+            print(f"--resume: no checkpoint in {ckpts.folder} yet; starting from scratch")
+        return 0
+    path, state = found
+    restore_training_state(state, byol, optimizer, step_fn.scaler)
+    if len(state["rng"]) == world.size:
+        set_rng_state(state["rng"][world.rank])
+    else:  # a different world size cannot replay the old per-rank streams; stay deterministic anyway
+        seed_all(cfg.seed + world.rank + state["step"])
+    if world.is_main:
+        ignore = {"resume", "out", "gpus", "processes", "workers", "log_every", "compile"}
+        changed = sorted(k for k, v in state["config"].items() if k not in ignore and cfg.to_dict().get(k) != v)
+        print(f"resumed from {path} at step {state['step']}"
+              + (f"; options changed since it was saved: {', '.join(changed)}" if changed else ""))
+    return state["step"]
+
+
+def run(cfg: TrainConfig) -> int:
+    """One training process (of `launch`'s world): join the group, train, leave."""
+    gpus, _ = planned_processes(cfg.gpus, cfg.processes)
+    world = init_world(use_cuda=gpus > 0)
+    try:
+        return train(cfg, world)
+    except (ValueError, LoaderUnavailable, CorruptCheckpoint) as err:
+        if world.is_main:
+            print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:
+        if world.is_main:
+            print(f"train.py: error: {err}; the last good checkpoint is kept in {Path(cfg.out) / 'checkpoints'} "
+                  "(lower --base-lr or use --precision fp32, then --resume)", file=sys.stderr)
+        return NAN_EXIT_CODE
+    finally:
+        close_world(world)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        train(config_from_args(args))
-    except (ValueError, LoaderUnavailable) as err:
+        cfg = parse_config(argv).resolved()
+        world_size = preflight.check(cfg)
+    except (ConfigError, ValueError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return launch(run, cfg, world_size)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,100 @@
-"""train.py end to end on CPU with the synthetic loader, and its up-front argument errors."""
+"""train.py end to end on CPU (synthetic loader), its outputs, config files and up-front argument errors."""
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+import torchvision.models as tvm
 
-from config import TrainConfig, build_parser, config_from_args
+import runtime.preflight
+import train
+from config import TrainConfig, build_parser, config_from_args, parse_config
+from runtime.checkpoint import CheckpointDir, load_checkpoint
+
+TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--batch-size", "8", "--no-compile",
+        "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
 
 
-def run_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=600)
+def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("run")
+    # Standard stem at 32 px, so backbone.pt is a stock torchvision resnet18 state_dict.
+    result = run_train(*TINY, "--res", "32", "--no-small-images", "--steps", "4", "--log-every", "2",
+                       "--out", str(out))
+    return result, out
 
 
 @pytest.mark.slow
-def test_synthetic_cpu_run_prints_loss_and_throughput():
-    result = run_train("--loader", "synthetic", "--device", "cpu", "--arch", "resnet18", "--res", "16",
-                       "--batch-size", "8", "--steps", "4", "--log-every", "2", "--no-compile",
-                       "--hidden-dim", "64")
+@pytest.mark.timeout(400)
+def test_run_prints_progress_and_writes_metrics(finished_run):
+    result, out = finished_run
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("step")]
-    assert len(lines) == 2 and "loss" in lines[-1] and "img/s" in lines[-1]
+    assert len(lines) == 2 and all(k in lines[-1] for k in ("loss", "lr", "tau", "img/s", "loader wait"))
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in records] == [2, 4]
+    # --steps 4 is the whole schedule, so warmup (capped at the run length) spans it: the lr of the
+    # 4th step (index 3) is peak * 3 / 4, with peak = base_lr * batch / 256.
+    assert records[-1]["lr"] == pytest.approx(0.45 * 8 / 256 * 3 / 4)
+    assert 0 < records[-1]["loss"] <= 4 and (out / "metrics.png").stat().st_size > 1000
 
 
-def test_bad_arguments_give_one_clear_line():
-    result = run_train("--loader", "synthetic", "--device", "cpu", "--arch", "resnet18", "--res", "4",
-                       "--steps", "1")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: --res")
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_run_saves_a_final_checkpoint_and_a_torchvision_backbone(finished_run):
+    result, out = finished_run
+    assert result.returncode == 0, result.stderr
+    [path] = CheckpointDir(out / "checkpoints", keep=3).paths()
+    state = load_checkpoint(path)
+    assert state["step"] == 4 and state["config"]["arch"] == "resnet18" and len(state["rng"]) == 1
+    weights = torch.load(out / "backbone.pt", weights_only=True)
+    encoder = {k.removeprefix("encoder."): v for k, v in state["online"].items() if k.startswith("encoder.")}
+    assert encoder.keys() == weights.keys() and all(torch.equal(weights[k], v) for k, v in encoder.items())
+    loaded = tvm.resnet18().load_state_dict(weights, strict=False)
+    assert sorted(loaded.missing_keys) == ["fc.bias", "fc.weight"] and not loaded.unexpected_keys
+
+
+def main_error(capsys, *argv: str) -> str:
+    """Run train.main in-process (it fails before starting any process) and return its one error line."""
+    assert train.main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: ")
+    return err[0].removeprefix("train.py: error: ")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (("--res", "4"), "--res must be at least 8"),
+    (("--gpus", "3"), "--gpus 3: only 0 GPU(s) visible"),
+    (("--processes", "3"), "--batch-size 8 (global) is not divisible by the 3 processes"),
+    (("--loader", "torchvision", "--data", "/no/such/folder"), "--data /no/such/folder: no such file or folder"),
+    (("--steps", "0"), "--steps must be at least 1"),
+])
+def test_bad_arguments_give_one_clear_line(capsys, tmp_path, argv, expected):
+    if "--gpus" in argv and torch.cuda.is_available():
+        pytest.skip("counts GPUs on a CPU-only machine")
+    assert main_error(capsys, *TINY, "--out", str(tmp_path), *argv).startswith(expected)
+
+
+def test_missing_loader_names_its_extra(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime.preflight, "is_available", lambda name: False)
+    message = main_error(capsys, *TINY, "--loader", "dali", "--data", str(tmp_path))
+    assert message.startswith("--loader dali is not installed") and "pip install -e '.[dali" in message
+
+
+def test_existing_checkpoints_need_resume(capsys, tmp_path):
+    CheckpointDir(tmp_path / "checkpoints", keep=1).save(1, {"step": 1})
+    assert "pass --resume" in main_error(capsys, *TINY, "--out", str(tmp_path))
 
 
 def test_config_defaults_follow_the_recipe():
@@ -37,3 +103,26 @@ def test_config_defaults_follow_the_recipe():
     short = TrainConfig(epochs=40, res=32).resolved()
     assert (short.base_lr, short.weight_decay, short.tau_base, short.small_images) == (0.45, 1e-6, 0.97, True)
     assert build_parser().parse_args(["--no-compile"]).compile is False
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_then_command_line(tmp_path, suffix):
+    body = ('arch = "resnet34"\nbatch-size = 512\nbase_lr = 1\ncompile = false\n' if suffix == ".toml"
+            else "arch: resnet34\nbatch-size: 512\nbase_lr: 1\ncompile: false\n")
+    path = tmp_path / f"run{suffix}"
+    path.write_text(body)
+    cfg = parse_config(["--config", str(path), "--batch-size", "1024"])
+    assert (cfg.arch, cfg.batch_size, cfg.base_lr, cfg.compile) == ("resnet34", 1024, 1.0, False)
+    assert isinstance(cfg.base_lr, float)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('archh = "resnet18"\n', "unknown option 'archh'"),
+    ('arch = "vgg"\n', "arch must be one of resnet18, resnet34, resnet50"),
+    ('epochs = "ten"\n', "epochs must be int"),
+    ("epochs = \n", "not valid TOML"),
+])
+def test_bad_config_file_gives_one_clear_line(capsys, tmp_path, body, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    assert expected in main_error(capsys, "--config", str(path))

@@ -1,0 +1,162 @@
+"""Crash-safe checkpoints: atomic writes, a checksum trailer, keep-last-K, newest-valid resume.
+
+File layout: the bytes of `torch.save(state)` followed by MAGIC and the SHA-256 of those bytes.
+A write goes to a temp file in the same folder, is flushed and fsync'ed, renamed over the final
+name with os.replace (atomic on POSIX) and the folder is fsync'ed, so a crash leaves either the
+old set of files or the new one, never a half-written checkpoint under a final name. Reading
+verifies the trailer and loads with `torch.load(weights_only=True)`: a state holds only tensors
+and plain containers of numbers and strings (RNG states are converted to tensors for this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MAGIC = b"FBYOLCK1"
+DIGEST_BYTES = 32
+NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _serialize(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    body = _serialize(state)
+    atomic_write(path, body + MAGIC + hashlib.sha256(body).digest())
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load and verify one checkpoint; raise CorruptCheckpoint if it is truncated or altered."""
+    data = path.read_bytes()
+    body, magic, digest = data[:-40], data[-40:-DIGEST_BYTES], data[-DIGEST_BYTES:]
+    if magic != MAGIC:
+        raise CorruptCheckpoint(f"{path}: no checksum trailer (truncated or not a fastbyol checkpoint)")
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch (file is corrupt)")
+    try:
+        return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as err:  # the checksum matched, so this is a format problem: still unusable
+        raise CorruptCheckpoint(f"{path}: cannot be loaded ({err})") from err
+
+
+class CheckpointDir:
+    """`ckpt-<step>.pt` files in one folder; only the main process writes."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder = folder
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        """Checkpoints, newest (highest step) first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"ckpt-{step:09d}.pt"
+        save_checkpoint(path, state)
+        for old in self.paths()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_newest_valid(self, map_location: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that verifies; each bad one is skipped with a warning."""
+        paths = self.paths()
+        for path in paths:
+            try:
+                return path, load_checkpoint(path, map_location)
+            except (CorruptCheckpoint, OSError) as err:
+                print(f"warning: skipping checkpoint {err}; trying the previous one", file=sys.stderr)
+        if paths:
+            raise CorruptCheckpoint(f"none of the {len(paths)} checkpoints in {self.folder} is valid")
+        return None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy, python) as tensors and plain values."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached": cached},
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def export_backbone(path: Path, encoder: torch.nn.Module) -> None:
+    """The encoder as a plain torchvision-compatible state_dict (loads into tvm.<arch>(), fc missing)."""
+    atomic_write(path, _serialize({k: v.detach().cpu() for k, v in encoder.state_dict().items()}))
+
+
+def training_state(
+    byol: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+    step: int, steps_per_epoch: int, rng: list[dict[str, Any]], config: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything a resume needs; `rng` holds one RNG state per rank, in rank order."""
+    return {
+        "format": 1,
+        "step": step,
+        "epoch": step // steps_per_epoch,
+        "steps_into_epoch": step % steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "online": byol.online.state_dict(),
+        "target": byol.target.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rng,
+        "config": config,
+    }
+
+
+def restore_training_state(state: dict[str, Any], byol: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None) -> None:
+    byol.online.load_state_dict(state["online"])
+    byol.target.load_state_dict(state["target"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])

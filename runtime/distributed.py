@@ -1,0 +1,160 @@
+"""Process layout for DDP: one process per GPU (NCCL), or CPU processes with gloo.
+
+`launch` starts the processes itself (`--gpus N`, `--gpus 0 --processes P`) or, under torchrun
+(RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* in the environment), runs the one process it was given:
+either way every process calls `fn(cfg)` with the same environment variables set, so the
+training code has a single distributed path.
+
+Only the online network is wrapped in DDP. SyncBN (on CUDA) converts the BN layers of BOTH the
+online and the target network: the official code runs one cross-replica BN network function for
+both, so the target's training-mode BN normalises with global-batch statistics too.
+torch's SyncBatchNorm runs only on GPUs; CPU (gloo) runs keep per-process BN statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_launcher() -> bool:
+    """True when torchrun (or SLURM-style wrappers setting the same variables) started us."""
+    return all(name in os.environ for name in LAUNCHER_VARS)
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def planned_processes(gpus: int | None, processes: int) -> tuple[int, int]:
+    """(gpus, world size) for this run. Under a launcher the world size is its WORLD_SIZE."""
+    gpus = visible_gpus() if gpus is None else gpus
+    if under_launcher():
+        return min(gpus, 1), int(os.environ["WORLD_SIZE"])
+    return gpus, gpus if gpus > 0 else processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(index: int, fn: Callable[[Any], int], cfg: Any, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = fn(cfg)
+    if code:
+        sys.exit(code)
+
+
+def launch(fn: Callable[[Any], int], cfg: Any, world_size: int) -> int:
+    """Run fn(cfg) in `world_size` processes (in this one when 1 or under torchrun); return the exit code."""
+    if world_size == 1 or under_launcher():
+        return fn(cfg)
+    context = mp.start_processes(_worker, args=(fn, cfg, world_size, _free_port()), nprocs=world_size,
+                                 start_method="spawn", join=False)
+
+    def forward(signum: int, _frame: Any) -> None:
+        # A scheduler may signal only this parent: pass it on so every rank checkpoints and stops.
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as err:
+        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
+    except mp.ProcessRaisedException as err:
+        print(f"train.py: a training process failed:\n{err}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def init_world(use_cuda: bool) -> World:
+    """Join the process group described by the environment (a no-op for a single process)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=size,
+                                device_id=device if use_cuda else None)
+    return World(rank, local_rank, size, device)
+
+
+def close_world(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_online(byol: nn.Module, world: World, sync_bn: bool) -> nn.Module:
+    """SyncBN (CUDA) on online and target, DDP on the online network; returns the module to run."""
+    if world.size == 1:
+        return byol.online
+    synced = sync_bn and world.device.type == "cuda"
+    if synced:
+        byol.online = nn.SyncBatchNorm.convert_sync_batchnorm(byol.online)
+        byol.target = nn.SyncBatchNorm.convert_sync_batchnorm(byol.target)
+    # Same seed on every rank makes the nets equal already; broadcasting makes it a guarantee.
+    for tensor in byol.target.state_dict().values():
+        dist.broadcast(tensor, src=0)
+    return DistributedDataParallel(
+        byol.online, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+        # With SyncBN the BN buffers agree on every rank; without it rank 0's are broadcast.
+        broadcast_buffers=not synced,
+    )
+
+
+def agree(world: World, loss: torch.Tensor, flags: list[bool]) -> tuple[float, list[bool]]:
+    """Mean loss over ranks and OR of each flag, in one collective (and the one host sync)."""
+    packed = torch.stack([loss.float().reshape(()), *(torch.tensor(float(f), device=loss.device) for f in flags)])
+    if world.size > 1:
+        dist.all_reduce(packed)
+    values = packed.tolist()
+    return values[0] / world.size, [v > 0 for v in values[1:]]
+
+
+def gather_to_main(world: World, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (valid on rank 0)."""
+    if world.size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()

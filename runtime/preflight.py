@@ -1,0 +1,60 @@
+"""Every argument checked before any process starts: one clear line per problem (exit 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from config import TrainConfig
+from pipelines.registry import INSTALL_HINTS, is_available
+from pipelines.views import BYOL_VIEWS
+from runtime.checkpoint import CheckpointDir
+from runtime.distributed import planned_processes, under_launcher, visible_gpus
+
+BUILTIN_DATASETS = ("fashion-mnist",)
+
+
+def checkpoint_dir(cfg: TrainConfig) -> CheckpointDir:
+    return CheckpointDir(Path(cfg.out) / "checkpoints", cfg.keep_checkpoints)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def check(cfg: TrainConfig) -> int:
+    """Raise ValueError (message = the one line to print) on bad input; return the world size."""
+    BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale)
+    for name in ("batch_size", "epochs", "log_every", "keep_checkpoints", "processes", "hidden_dim", "proj_dim"):
+        _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("checkpoint_every", "checkpoint_minutes", "eval_every", "workers", "warmup_epochs"):
+        _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    _require(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}")
+
+    if not under_launcher():
+        gpus = visible_gpus() if cfg.gpus is None else cfg.gpus
+        _require(gpus >= 0, f"--gpus must be >= 0, got {gpus}")
+        _require(gpus <= visible_gpus(), f"--gpus {gpus}: only {visible_gpus()} GPU(s) visible on this machine")
+        _require(gpus == 0 or cfg.processes == 1,
+                 "--processes is for CPU runs (--gpus 0); with GPUs there is one process per GPU")
+    _, world_size = planned_processes(cfg.gpus, cfg.processes)
+    _require(cfg.batch_size % world_size == 0,
+             f"--batch-size {cfg.batch_size} (global) is not divisible by the {world_size} processes")
+
+    hint = INSTALL_HINTS.get(cfg.loader, "pip install -e .")
+    _require(is_available(cfg.loader), f"--loader {cfg.loader} is not installed; install it with: {hint}")
+    if cfg.loader != "synthetic":
+        _require(Path(cfg.data).exists() or cfg.data in BUILTIN_DATASETS,
+                 f"--data {cfg.data}: no such file or folder (give an ImageFolder root, a .beton file for "
+                 f"--loader ffcv, or one of: {', '.join(BUILTIN_DATASETS)})")
+    if cfg.eval_every:
+        _require(importlib.util.find_spec("evaluation") is not None,
+                 "--eval-every needs the evaluation package (kNN monitor), which is not installed")
+
+    out = Path(cfg.out)
+    _require(not out.exists() or out.is_dir(), f"--out {cfg.out} exists and is not a folder")
+    _require(cfg.resume or not checkpoint_dir(cfg).paths(),
+             f"--out {cfg.out} already holds checkpoints: pass --resume to continue that run, "
+             "or choose another --out")
+    return world_size

@@ -1,0 +1,34 @@
+"""Preemption: SIGTERM / SIGINT ask the trainer to finish its step, checkpoint and exit."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+
+class StopRequest:
+    """Installs handlers that only record the signal; the training loop decides when to stop.
+
+    Repeated signals are harmless (a launcher and a terminal may both deliver one), so stopping
+    never aborts a checkpoint half-way; the checkpoint write itself is atomic anyway.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + signal number, the shell convention, so job scripts see the run did not finish."""
+        return 128 + (self.signum or 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

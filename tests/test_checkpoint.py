@@ -1,0 +1,105 @@
+"""runtime/checkpoint.py: atomic checksummed files, corrupt-file fallback, keep-last-K, RNG states, export."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.models as tvm
+
+from models.backbones import build_backbone
+from models.optim import build_optimizer
+from runtime.checkpoint import (
+    CheckpointDir,
+    CorruptCheckpoint,
+    export_backbone,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+@pytest.fixture
+def lars_state() -> dict:
+    """A real optimizer state: the fused LARS with a device-tensor lr and momentum buffers."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = build_optimizer("lars", net.parameters(), lr=0.1, weight_decay=1e-6)
+    net(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+    return {"step": 7, "net": net.state_dict(), "optimizer": opt.state_dict(), "rng": [rng_state()],
+            "config": {"arch": "resnet18", "min_scale": None}}
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_round_trip_with_weights_only_and_no_temp_files(tmp_path, lars_state):
+    path = tmp_path / "ckpt-000000007.pt"
+    save_checkpoint(path, lars_state)
+    assert_same(load_checkpoint(path), lars_state)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "drop_trailer"])
+def test_damaged_file_is_detected(tmp_path, lars_state, damage):
+    path = tmp_path / "ckpt-000000001.pt"
+    save_checkpoint(path, lars_state)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip_byte":
+        data[len(data) // 3] ^= 0x40
+    else:
+        data = data[:-40]
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint):
+        load_checkpoint(path)
+
+
+def test_keeps_last_k_and_falls_back_past_a_corrupt_newest(tmp_path, lars_state, capsys):
+    ckpts = CheckpointDir(tmp_path / "checkpoints", keep=2)
+    for step in (10, 20, 30):
+        ckpts.save(step, {**lars_state, "step": step})
+    assert [p.name for p in ckpts.paths()] == ["ckpt-000000030.pt", "ckpt-000000020.pt"]
+
+    newest = ckpts.paths()[0]
+    newest.write_bytes(newest.read_bytes()[:1000])  # a crash mid-copy or a broken disk
+    path, state = ckpts.load_newest_valid()
+    assert path.name == "ckpt-000000020.pt" and state["step"] == 20
+    assert "skipping checkpoint" in capsys.readouterr().err
+
+    ckpts.paths()[1].write_bytes(b"")
+    with pytest.raises(CorruptCheckpoint, match="none of the 2"):
+        ckpts.load_newest_valid()
+    assert CheckpointDir(tmp_path / "empty", keep=2).load_newest_valid() is None
+
+
+def test_rng_state_restores_every_generator():
+    state = rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(tmp_path):
+    encoder, _ = build_backbone("resnet18", small_images=False)
+    export_backbone(tmp_path / "backbone.pt", encoder)
+    weights = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    result = tvm.resnet18().load_state_dict(weights, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
