@@ -49,6 +49,7 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 # 'smart' with ffcv's default threshold (None) silently stores everything raw; 256x256 RGB is the
 # size above which JPEG pays off on ImageNet-like images.
 DEFAULT_SMART_THRESHOLD = 256 * 256 * 3
+DEFAULT_JPEG_QUALITY = 90
 
 
 class ConversionError(RuntimeError):
@@ -116,9 +117,7 @@ def load_source(src: str, split: str, max_res: int | None, limit: int | None) ->
 
 class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:
-        return Text(
-            f"{task.speed:,.0f} images/s" if task.speed else "- images/s", style="progress.data.speed"
-        )
+        return Text(f"{task.speed:,.0f} images/s" if task.speed else "- images/s", style="progress.data.speed")
 
 
 class _WriterHooks:
@@ -224,9 +223,7 @@ def validate_args(args: argparse.Namespace) -> None:
     """Raise ValueError with one clear line for bad input, before any work starts."""
     if args.src != FASHION_MNIST:
         if not Path(args.src).is_dir():
-            raise ValueError(
-                f"--src {args.src} is not a folder (give an ImageFolder root or '{FASHION_MNIST}')"
-            )
+            raise ValueError(f"--src {args.src} is not a folder (give an ImageFolder root or '{FASHION_MNIST}')")
         if args.split is not None:
             raise ValueError(f"--split applies only to --src {FASHION_MNIST}")
     out = Path(args.out)
@@ -238,7 +235,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out folder {out.parent} is not writable")
     checks = [
         (args.max_res is None or args.max_res >= 8, f"--max-res must be at least 8, got {args.max_res}"),
-        (1 <= args.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}"),
+        (
+            args.jpeg_quality is None or 1 <= args.jpeg_quality <= 100,
+            f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}",
+        ),
         (0.0 <= args.compress_prob <= 1.0, f"--compress-prob must be in [0, 1], got {args.compress_prob}"),
         (args.smart_threshold > 0, f"--smart-threshold must be positive, got {args.smart_threshold}"),
         (args.workers >= 1, f"--workers must be at least 1, got {args.workers}"),
@@ -255,26 +255,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--src", required=True, help=f"ImageFolder root (root/<class>/<image>) or '{FASHION_MNIST}'"
-    )
-    parser.add_argument(
-        "--split", choices=("train", "test"), help=f"split of --src {FASHION_MNIST} (default train)"
-    )
+    parser.add_argument("--src", required=True, help=f"ImageFolder root (root/<class>/<image>) or '{FASHION_MNIST}'")
+    parser.add_argument("--split", choices=("train", "test"), help=f"split of --src {FASHION_MNIST} (default train)")
     parser.add_argument("--out", required=True, help="output .beton path (written atomically)")
-    parser.add_argument(
-        "--max-res", type=int, default=None, help="resize so the longest side is at most this"
-    )
+    parser.add_argument("--max-res", type=int, default=None, help="resize so the longest side is at most this")
     parser.add_argument(
         "--write-mode",
         choices=WRITE_MODES,
         default=None,
         help="default: jpg for folders, raw for fashion-mnist",
     )
-    parser.add_argument("--jpeg-quality", type=int, default=90)
-    parser.add_argument(
-        "--compress-prob", type=float, default=0.5, help="JPEG share in write mode 'proportion'"
-    )
+    parser.add_argument("--jpeg-quality", type=int, default=None, help=f"default {DEFAULT_JPEG_QUALITY}")
+    parser.add_argument("--compress-prob", type=float, default=0.5, help="JPEG share in write mode 'proportion'")
     parser.add_argument(
         "--smart-threshold",
         type=int,
@@ -282,18 +274,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="raw bytes above which write mode 'smart' stores JPEG",
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument(
-        "--limit", type=int, default=None, help="convert only this many images, evenly spaced"
-    )
+    parser.add_argument("--limit", type=int, default=None, help="convert only this many images, evenly spaced")
     return parser.parse_args(argv)
 
 
-def _human_bytes(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    raise AssertionError("unreachable")
+    return f"{size:.1f} GB"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     from ffcv.fields import RGBImageField
 
     mode = args.write_mode or source.default_mode
-    if mode == "raw" and "--jpeg-quality" in (argv if argv is not None else sys.argv):
+    if mode == "raw" and args.jpeg_quality is not None:
         err.print("[yellow]warning:[/] --jpeg-quality has no effect in write mode 'raw' (ffcv stores pixels)")
     for path, reason in source.bad_files:
         err.print(f"[yellow]skipped unreadable file[/] {path}: {reason}")
@@ -316,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         write_mode=mode,
         max_resolution=args.max_res,
         smart_threshold=args.smart_threshold,
-        jpeg_quality=args.jpeg_quality,
+        jpeg_quality=args.jpeg_quality or DEFAULT_JPEG_QUALITY,
         compress_probability=args.compress_prob,
     )
     start = time.perf_counter()

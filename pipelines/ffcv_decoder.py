@@ -57,19 +57,16 @@ def _uniform(state: np.uint64) -> tuple[float, np.uint64]:
 
 @numba.njit
 def random_crop(
-    height: int,
-    width: int,
-    scale_lo: float,
-    scale_hi: float,
-    log_ratio_lo: float,
-    log_ratio_hi: float,
-    state: np.uint64,
-) -> tuple[int, int, int, int, np.uint64]:
-    """torchvision's RandomResizedCrop parameters -> (top, left, h, w, next state).
+    height: int, width: int, scale_lo: float, scale_hi: float, log_ratio_lo: float, log_ratio_hi: float,
+    seed: int, epoch: int, index: int, view: int,
+) -> tuple[int, int, int, int]:  # fmt: skip
+    """torchvision's RandomResizedCrop parameters (top, left, h, w) of `view` of sample `index` in
+    `epoch`, deterministic per (seed, epoch, index, view).
 
     Area fraction U[scale], log aspect ratio U[log_ratio]; after 10 rejected draws, the largest
     centred crop with the nearest allowed aspect ratio.
     """
+    state = sample_key(seed, epoch, index, view)
     area = height * width
     for _ in range(_CROP_TRIES):
         u_area, state = _uniform(state)
@@ -83,7 +80,7 @@ def random_crop(
             u_left, state = _uniform(state)
             top = min(int(u_top * (height - h + 1)), height - h)
             left = min(int(u_left * (width - w + 1)), width - w)
-            return top, left, h, w, state
+            return top, left, h, w
     in_ratio = width / height
     if in_ratio < math.exp(log_ratio_lo):
         w, h = width, min(height, int(round(width / math.exp(log_ratio_lo))))
@@ -91,27 +88,7 @@ def random_crop(
         w, h = min(width, int(round(height * math.exp(log_ratio_hi)))), height
     else:
         w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w, state
-
-
-@numba.njit
-def view_crop(
-    height: int,
-    width: int,
-    scale_lo: float,
-    scale_hi: float,
-    log_ratio_lo: float,
-    log_ratio_hi: float,
-    seed: int,
-    epoch: int,
-    index: int,
-    view: int,
-) -> tuple[int, int, int, int]:
-    """Crop (top, left, h, w) of `view` of sample `index` in `epoch`: deterministic per key."""
-    top, left, h, w, _ = random_crop(
-        height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, sample_key(seed, epoch, index, view)
-    )
-    return top, left, h, w
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class TwoCropDecoder(Operation):
@@ -167,7 +144,7 @@ class TwoCropDecoder(Operation):
                 else:
                     image = image_data.reshape(height, width, 3)
                 for view in range(2):
-                    top, left, h, w = view_crop(
+                    top, left, h, w = random_crop(
                         height, width, scale_lo, scale_hi, ratio_lo, ratio_hi, seed, epoch, source_ix, view
                     )
                     resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix, view])

@@ -21,7 +21,7 @@ from pipelines.base import LoaderConfig
 from pipelines.fashion_mnist import load_fashion_mnist
 from pipelines.ffcv import FfcvTwoViewLoader, build_loader
 from pipelines.ffcv_convert import ConversionError, FolderImages, main, new_progress, write_beton
-from pipelines.ffcv_decoder import view_crop
+from pipelines.ffcv_decoder import random_crop
 from pipelines.imagefolder import scan_image_folder
 from pipelines.views import BYOL_VIEWS
 
@@ -154,7 +154,7 @@ def test_interrupted_conversion_leaves_no_output(photo_corpus: str, tmp_path, mo
 
 def _draws(height: int, width: int, n: int, view: int = 0) -> np.ndarray:
     scale, log_ratio = BYOL_VIEWS.crop_scale, BYOL_VIEWS.log_ratio
-    return np.array([view_crop(height, width, *scale, *log_ratio, 0, 0, i, view) for i in range(n)])
+    return np.array([random_crop(height, width, *scale, *log_ratio, 0, 0, i, view) for i in range(n)])
 
 
 # The largest crop with a 3/4..4/3 aspect ratio: the whole image, or 240 x 320 of a 500 x 240 portrait.
