@@ -1,0 +1,101 @@
+"""Labelled evaluation sets: un-augmented uint8 images with their labels, in batches.
+
+    train, test = eval_splits("fashion-mnist")        # the built-in dataset's train and test splits
+    train, test = eval_splits("data/train", "data/val")  # two ImageFolder trees
+
+Images stay uint8 (N, C, H, W) until they reach the device; features.py resizes and normalizes
+them there, so the sets carry no transform of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from pipelines.builtin import parse_builtin
+from pipelines.fashion_mnist import CLASSES, load_fashion_mnist
+from pipelines.imagefolder import load_index
+
+LabelledBatch = tuple[torch.Tensor, torch.Tensor]
+# Standard linear-eval geometry for photos: resize the short side to res / 0.875, centre-crop res.
+CENTER_CROP_FRACTION = 0.875
+
+
+class ArraySet:
+    """An in-memory labelled set (the built-in dataset, or any uint8 array)."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, num_classes: int):
+        # A copy of numpy input: the idx reader hands out read-only buffers, which torch cannot wrap.
+        images = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images
+        self.images = images[:, None] if images.ndim == 3 else images  # grayscale (N, H, W) -> (N, 1, H, W)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.num_classes = num_classes
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor | np.ndarray) -> ArraySet:
+        indices = torch.as_tensor(indices)
+        return ArraySet(self.images[indices], self.labels[indices], self.num_classes)
+
+    def limit(self, count: int | None) -> ArraySet:
+        """`count` samples spread evenly over the set (all of it if None or larger)."""
+        if count is None or count >= len(self):
+            return self
+        return self.subset(torch.linspace(0, len(self) - 1, count).round().long())
+
+    def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
+        for start in range(0, len(self), batch_size):
+            yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+
+
+class _CenterCropped(Dataset):
+    def __init__(self, samples: list[tuple[str, int]], res: int):
+        self.samples = samples
+        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(round(res / CENTER_CROP_FRACTION), antialias=True),
+                                     v2.CenterCrop(res)])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+class FolderSet:
+    """An ImageFolder tree decoded on the fly (too large to hold in memory), centre-cropped to res."""
+
+    def __init__(self, root: str, workers: int = 4):
+        index = load_index(root)
+        self.samples = index.samples
+        self.num_classes = len(index.classes)
+        self.workers = workers
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
+        yield from DataLoader(_CenterCropped(self.samples, res), batch_size=batch_size, num_workers=self.workers)
+
+
+EvalSet = ArraySet | FolderSet
+
+
+def eval_splits(data: str, val_data: str | None = None) -> tuple[EvalSet, EvalSet]:
+    """(train, test) sets for `--data`: the built-in dataset's splits, or two ImageFolder roots."""
+    idx_folder = parse_builtin(data)
+    if idx_folder is not None:
+        return tuple(ArraySet(*load_fashion_mnist(split, idx_folder), len(CLASSES)) for split in ("train", "test"))
+    if val_data is None:
+        raise ValueError(f"--data {data} is a folder: also give --val-data, the labelled folder to report on")
+    return FolderSet(data), FolderSet(val_data)

@@ -1,0 +1,52 @@
+"""Weighted kNN classifier on frozen features (the InstDisc / solo-learn monitor).
+
+Cosine similarity to every memory-bank feature; the k most similar vote for their label with
+weight exp(sim / T). Cheap enough to run every few epochs during training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_K = 200
+DEFAULT_TEMPERATURE = 0.07
+# Queries per similarity matmul: bounds memory at chunk x bank-size floats.
+QUERY_CHUNK = 1024
+
+
+@torch.no_grad()
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> torch.Tensor:
+    """Predicted class (N_queries,) for each query row, from the k nearest bank rows by cosine similarity."""
+    if k < 1:
+        raise ValueError(f"kNN needs k >= 1, got {k}")
+    k = min(k, len(bank))
+    bank = F.normalize(bank.float(), dim=1)
+    predictions = []
+    for chunk in F.normalize(queries.float(), dim=1).split(QUERY_CHUNK):
+        similarity, neighbours = (chunk @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
+        votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> float:
+    """Top-1 accuracy in [0, 1] of `knn_predict` on labelled queries."""
+    predictions = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
+    return (predictions == query_labels.to(predictions.device)).float().mean().item()

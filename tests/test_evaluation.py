@@ -1,0 +1,166 @@
+"""kNN monitor, linear probe, frozen feature extraction and the evaluation CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from evaluation import ArraySet, evaluate_encoder, extract_features, knn_predict, linear_probe, pixel_features
+from evaluation.__main__ import load_encoder, main
+from evaluation.data import eval_splits
+from evaluation.features import prepare
+from models.backbones import build_backbone
+from pipelines.fashion_mnist import FASHION_MNIST_DIR
+from pipelines.views import BYOL_VIEWS
+
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed")
+
+
+def unit(degrees: float, length: float = 1.0) -> list[float]:
+    return [length * math.cos(math.radians(degrees)), length * math.sin(math.radians(degrees))]
+
+
+# Bank on the unit circle (lengths vary: only the angle may matter), labels 0/1. For the query at 0 deg
+# the 3 nearest by cosine are 10 deg (cos .985, class 0), -30 deg (cos .866, class 1) and 50 deg
+# (cos .643, class 1); 120 and 170 deg (class 0) and 95 deg (class 1) are further.
+BANK = torch.tensor([unit(10, 3.0), unit(-30, 0.5), unit(50, 7.0), unit(120), unit(170, 2.0), unit(95)])
+BANK_LABELS = torch.tensor([0, 1, 1, 0, 0, 1])
+QUERY = torch.tensor([unit(0, 4.0)])
+
+
+@pytest.mark.parametrize(
+    ("k", "temperature", "expected"),
+    [
+        (1, 0.07, 0),  # the single nearest neighbour is class 0
+        # T = 0.07: class 0 gets exp(.985/.07) = 1.29e6; class 1 exp(.866/.07) + exp(.643/.07) = 2.47e5.
+        (3, 0.07, 0),
+        # T = 1: class 0 gets exp(.985) = 2.68; class 1 exp(.866) + exp(.643) = 2.38 + 1.90 = 4.28.
+        (3, 1.0, 1),
+        # k = 6, T = 1: class 0: 2.68 + exp(-.5) + exp(-.985) = 2.68 + .61 + .37 = 3.66;
+        # class 1: 4.28 + exp(cos 95 deg = -.087) = 4.28 + .92 = 5.20.
+        (6, 1.0, 1),
+        # k = 6, T = 0.07: the nearest neighbour's weight dominates everything else.
+        (6, 0.07, 0),
+    ],
+)
+def test_knn_matches_hand_computed_votes(k: int, temperature: float, expected: int) -> None:
+    assert knn_predict(BANK, BANK_LABELS, QUERY, num_classes=2, k=k, temperature=temperature).tolist() == [expected]
+
+
+def test_knn_k_larger_than_bank_and_bad_k() -> None:
+    assert knn_predict(BANK, BANK_LABELS, QUERY, 2, k=100, temperature=0.07).tolist() == [0]
+    with pytest.raises(ValueError, match="k >= 1"):
+        knn_predict(BANK, BANK_LABELS, QUERY, 2, k=0)
+
+
+def clusters(n: int, classes: int, dim: int, seed: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs around `classes` random centres (separable when spread is small)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    labels = torch.randint(classes, (n,), generator=g)
+    return centres[labels] + spread * torch.randn(n, dim, generator=g), labels
+
+
+def test_linear_probe_separable_and_shuffled() -> None:
+    train_x, train_y = clusters(1000, 4, 16, seed=0, spread=0.5)
+    test_x, test_y = clusters(2000, 4, 16, seed=1, spread=0.5)
+    assert linear_probe(train_x, train_y, test_x, test_y, 4).top1 >= 0.99
+    # Labels independent of the features: the probe can do no better than chance (0.25). With 2000
+    # test samples the accuracy's standard deviation is sqrt(.25 * .75 / 2000) = 0.0097; allow 5 sigma.
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(5))]
+    random_test = torch.randint(4, (2000,), generator=torch.Generator().manual_seed(6))
+    assert abs(linear_probe(train_x, shuffled, test_x, random_test, 4).top1 - 0.25) < 0.05
+
+
+@needs_fashion_mnist
+@pytest.mark.timeout(120)
+def test_raw_pixel_probe_on_fashion_mnist_subset() -> None:
+    # Logistic regression on raw pixels reaches ~84% with all 60k training images; with 2k
+    # (200 per class) it is a few points lower (~80%). One penalty keeps it fast; the sweep is tested above.
+    train, test = (split.limit(2000) for split in eval_splits("fashion-mnist"))
+    top1 = linear_probe(*pixel_features(train), *pixel_features(test), train.num_classes, weight_decays=(1e-3,)).top1
+    assert 0.76 <= top1 <= 0.86
+
+
+class TinyEncoder(nn.Module):
+    """conv -> BN -> global mean: small enough to check by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)).mean(dim=(2, 3))
+
+
+def gray_set(n: int = 10, side: int = 12) -> ArraySet:
+    g = torch.Generator().manual_seed(0)
+    return ArraySet(torch.randint(0, 256, (n, side, side), dtype=torch.uint8, generator=g), torch.arange(n) % 2, 2)
+
+
+def test_extract_features_uses_running_stats_without_grad_and_restores_mode() -> None:
+    torch.manual_seed(0)
+    encoder = TinyEncoder()
+    encoder.bn.running_mean.uniform_(-1, 1)
+    encoder.bn.running_var.uniform_(0.5, 2)
+    encoder.train()
+    stats_before = encoder.bn.running_mean.clone()
+    data = gray_set()
+    features, labels = extract_features(encoder, data, "cpu", res=12, batch_size=3)  # uneven last batch
+    assert encoder.training, "the caller's mode must be restored"
+    assert torch.equal(encoder.bn.running_mean, stats_before), "eval mode must not update BN statistics"
+    assert not features.requires_grad and features.shape == (10, 4)
+    assert torch.equal(labels, data.labels)
+    # Independent reference: BN with running statistics, written out by hand.
+    with torch.no_grad():
+        x = prepare(data.images, 12, BYOL_VIEWS, torch.device("cpu"))
+        conv = encoder.conv(x)
+        bn = encoder.bn
+        normed = (conv - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+        expected = (normed * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)).mean(dim=(2, 3))
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_gray_to_normalized_rgb() -> None:
+    images = torch.full((1, 1, 8, 8), 51, dtype=torch.uint8)  # 51 / 255 = 0.2
+    x = prepare(images, 16, BYOL_VIEWS, torch.device("cpu"))
+    assert x.shape == (1, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+    expected = [(0.2 - m) / s for m, s in zip(BYOL_VIEWS.mean, BYOL_VIEWS.std, strict=True)]
+    torch.testing.assert_close(x[0, :, 5, 5], torch.tensor(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_encoder_reports_both_scores() -> None:
+    # Features that are a fixed function of the label: kNN and probe must both be perfect.
+    labels = torch.arange(40) % 2
+    images = (labels * 200 + 20).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 6, 6).contiguous()
+    data = ArraySet(images, labels, 2)
+    torch.manual_seed(0)
+    scores = evaluate_encoder(TinyEncoder(), data, data, "cpu", res=6, k=5)
+    assert scores["knn_top1"] == 1.0 and scores["linear_top1"] == 1.0
+
+
+def test_load_encoder_infers_stem_and_checks_arch(tmp_path) -> None:
+    encoder, _ = build_backbone("resnet18", small_images=True)
+    path = tmp_path / "backbone.pt"
+    torch.save(encoder.state_dict(), path)
+    loaded = load_encoder(str(path), "resnet18", small_images=False)  # the checkpoint's 3x3 stem wins
+    assert loaded.conv1.kernel_size == (3, 3)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values(),
+                                                 strict=True))
+    with pytest.raises(ValueError, match="does not fit --arch resnet34"):
+        load_encoder(str(path), "resnet34", small_images=True)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
+    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 2
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "not_a_backbone.pt")
+    assert main(["--checkpoint", str(tmp_path / "not_a_backbone.pt")]) == 2
+    assert "not a backbone state dict" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path)]) == 2
+    assert "--val-data" in capsys.readouterr().err
