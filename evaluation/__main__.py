@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--res", type=int, default=28, help="input resolution the encoder was trained at")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--k", type=int, default=200, help="kNN neighbours")
+    parser.add_argument("--train-limit", type=int, help="use this many evenly spaced training images (default: all)")
+    parser.add_argument("--test-limit", type=int, help="use this many evenly spaced test images (default: all)")
     parser.add_argument("--baselines", action="store_true",
                         help="also report the same encoder at random init and a probe on raw pixels")
     return parser.parse_args(argv)
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
-        train_set, test_set = eval_splits(args.data, args.val_data)
+        train_set, test_set = eval_splits(args.data, args.val_data, args.train_limit, args.test_limit)
         encoders = {}
         if args.checkpoint:
             encoders[args.checkpoint] = load_encoder(args.checkpoint, args.arch, args.res <= 64)

@@ -9,6 +9,7 @@ them there, so the sets carry no transform of their own.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import numpy as np
@@ -49,7 +50,7 @@ class ArraySet:
         """`count` samples spread evenly over the set (all of it if None or larger)."""
         if count is None or count >= len(self):
             return self
-        return self.subset(torch.linspace(0, len(self) - 1, count).round().long())
+        return self.subset(evenly_spaced(len(self), count))
 
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
         for start in range(0, len(self), batch_size):
@@ -79,10 +80,17 @@ class FolderSet:
         self.samples = index.samples
         self.num_classes = len(index.classes)
         self.workers = workers
-        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def limit(self, count: int | None) -> FolderSet:
+        """`count` samples spread evenly over the (class-sorted) folder, so every class keeps its share."""
+        if count is None or count >= len(self):
+            return self
+        subset = copy.copy(self)
+        subset.samples = [self.samples[i] for i in evenly_spaced(len(self), count)]
+        return subset
 
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
         yield from DataLoader(_CenterCropped(self.samples, res), batch_size=batch_size, num_workers=self.workers)
@@ -91,11 +99,23 @@ class FolderSet:
 EvalSet = ArraySet | FolderSet
 
 
-def eval_splits(data: str, val_data: str | None = None) -> tuple[EvalSet, EvalSet]:
-    """(train, test) sets for `--data`: the built-in dataset's splits, or two ImageFolder roots."""
+def evenly_spaced(total: int, count: int) -> torch.Tensor:
+    return torch.linspace(0, total - 1, count).round().long()
+
+
+def eval_splits(
+    data: str, val_data: str | None = None, train_limit: int | None = None, test_limit: int | None = None
+) -> tuple[EvalSet, EvalSet]:
+    """(train, test) sets for `--data`: the built-in dataset's splits, or two ImageFolder roots.
+
+    The limits keep that many evenly spaced samples of each (features of all 70k Fashion-MNIST
+    images take minutes on a CPU; a few thousand give a usable monitor).
+    """
     idx_folder = parse_builtin(data)
     if idx_folder is not None:
-        return tuple(ArraySet(*load_fashion_mnist(split, idx_folder), len(CLASSES)) for split in ("train", "test"))
-    if val_data is None:
+        train, test = (ArraySet(*load_fashion_mnist(split, idx_folder), len(CLASSES)) for split in ("train", "test"))
+    elif val_data is None:
         raise ValueError(f"--data {data} is a folder: also give --val-data, the labelled folder to report on")
-    return FolderSet(data), FolderSet(val_data)
+    else:
+        train, test = FolderSet(data), FolderSet(val_data)
+    return train.limit(train_limit), test.limit(test_limit)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from evaluation import ArraySet, evaluate_encoder, extract_features, knn_predict, linear_probe, pixel_features
 from evaluation.__main__ import load_encoder, main
@@ -164,3 +165,20 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
     assert "not a backbone state dict" in capsys.readouterr().err
     assert main(["--data", str(tmp_path)]) == 2
     assert "--val-data" in capsys.readouterr().err
+
+
+def test_limits_keep_evenly_spaced_samples(tmp_path) -> None:
+    data = gray_set(n=10)
+    assert data.limit(4).labels.tolist() == data.labels[[0, 3, 6, 9]].tolist()
+    assert data.limit(None) is data and data.limit(50) is data
+    for label in range(2):
+        (tmp_path / f"class_{label}").mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30), (80 * i, 100 * label, 0)).save(tmp_path / f"class_{label}" / f"{i}.png")
+    train, test = eval_splits(str(tmp_path), str(tmp_path), train_limit=3)
+    assert len(train) == 3 and len(test) == 6
+    assert [label for _, label in train.samples] == [0, 0, 1]  # linspace(0, 5, 3) -> 0, 2, 5
+    train.workers = 0
+    (images, labels), = list(train.batches(8, res=8))
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 1]
+    assert images[2, 1].float().mean().item() == pytest.approx(100, abs=1)  # green channel of class 1
