@@ -13,6 +13,7 @@ checkpoint with --resume, then step. The loss is read from the device only at lo
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import sys
@@ -23,12 +24,14 @@ import numpy as np
 import torch
 
 from config import ConfigError, TrainConfig, parse_config
+from evaluation import eval_splits, evaluate_encoder, knn_monitor
 from models.backbones import build_backbone
 from models.byol import BYOL
 from models.optim import build_optimizer
 from models.schedules import lr_at, scaled_lr, tau_at
 from models.step import ByolStep
 from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
+from pipelines.builtin import resolve_data
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
 from runtime import preflight
@@ -44,6 +47,7 @@ from runtime.checkpoint import (
 from runtime.distributed import (
     World,
     agree,
+    barrier,
     close_world,
     gather_to_main,
     init_world,
@@ -74,10 +78,20 @@ def view_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def make_loader(cfg: TrainConfig, world: World) -> TwoViewLoader:
+def resolve_data_main_first(cfg: TrainConfig, world: World) -> str:
+    """--data as the loader reads it; rank 0 builds the built-in dataset's cache, the others then find it."""
+    if not world.is_main:
+        barrier(world)
+    data = resolve_data(cfg.loader, cfg.data)
+    if world.is_main:
+        barrier(world)
+    return data
+
+
+def make_loader(cfg: TrainConfig, world: World, data: str) -> TwoViewLoader:
     """This rank's shard: per-process batch = global batch / world size."""
     return build_loader(cfg.loader, LoaderConfig(
-        data=cfg.data, batch_size=cfg.batch_size // world.size,
+        data=data, batch_size=cfg.batch_size // world.size,
         recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale), device=world.device,
         dtype=view_dtype(cfg, world.device), workers=cfg.workers, seed=cfg.seed,
         rank=world.rank, world_size=world.size,
@@ -90,16 +104,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BYOL:
     return byol.to(device, memory_format=torch.channels_last)
 
 
-def knn_top1(byol: BYOL, cfg: TrainConfig, world: World) -> float:
-    from evaluation import knn_monitor  # optional package; preflight checked it is importable
-
-    return knn_monitor(byol.online.encoder, data=cfg.data, res=cfg.res, device=world.device)
-
-
 def train(cfg: TrainConfig, world: World) -> int:
     seed_all(cfg.seed)  # the same initial weights on every rank
     torch.use_deterministic_algorithms(cfg.deterministic)
-    loader = make_loader(cfg, world)
+    loader = make_loader(cfg, world, resolve_data_main_first(cfg, world))
     steps_per_epoch = len(loader)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
@@ -124,6 +132,8 @@ def train(cfg: TrainConfig, world: World) -> int:
                                             cfg.to_dict()))
 
     out = Path(cfg.out)
+    # Labelled splits for the kNN monitor / final probe, on rank 0 only (the others wait at the next sync).
+    eval_sets = eval_splits(cfg.data, cfg.val_data) if cfg.eval_every and world.is_main else None
     log = MetricsLog(out, resume_step=step) if world.is_main else None
     display = Display(total_steps, step, enabled=world.is_main)
     display.message(f"training {cfg.arch} on {cfg.loader}:{cfg.data} at {cfg.res}px, global batch {cfg.batch_size} "
@@ -152,8 +162,8 @@ def train(cfg: TrainConfig, world: World) -> int:
                 record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "tau": tau,
                           "images_per_s": images_per_s, "loader_wait": wait,
                           "elapsed_s": time.monotonic() - started}
-                if epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and world.is_main:
-                    record["knn_top1"] = knn_top1(byol, cfg, world)
+                if eval_sets and epoch_done and (epoch + 1) % cfg.eval_every == 0:
+                    record["knn_top1"] = knn_monitor(byol.online.encoder, *eval_sets, world.device, res=cfg.res)
                 if log is not None:
                     log.write(record)
                 display.update(record)
@@ -172,6 +182,10 @@ def train(cfg: TrainConfig, world: World) -> int:
         display.close()
         if log is not None:
             log.close()
+    if eval_sets:
+        scores = evaluate_encoder(byol.online.encoder, *eval_sets, world.device, res=cfg.res)
+        (out / "eval.json").write_text(json.dumps(scores, indent=1))
+        display.message("final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     if world.is_main:
         export_backbone(out / "backbone.pt", byol.online.encoder)
         plotted = plot_metrics(out / "metrics.jsonl", out / "metrics.png")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from config import TrainConfig
+from pipelines.builtin import FASHION_MNIST, parse_builtin
 from pipelines.registry import INSTALL_HINTS, is_available
 from pipelines.views import BYOL_VIEWS
 from runtime.checkpoint import CheckpointDir
 from runtime.distributed import planned_processes, under_launcher, visible_gpus
-
-BUILTIN_DATASETS = ("fashion-mnist",)
 
 
 def checkpoint_dir(cfg: TrainConfig) -> CheckpointDir:
@@ -44,13 +42,17 @@ def check(cfg: TrainConfig) -> int:
 
     hint = INSTALL_HINTS.get(cfg.loader, "pip install -e .")
     _require(is_available(cfg.loader), f"--loader {cfg.loader} is not installed; install it with: {hint}")
-    if cfg.loader != "synthetic":
-        _require(Path(cfg.data).exists() or cfg.data in BUILTIN_DATASETS,
-                 f"--data {cfg.data}: no such file or folder (give an ImageFolder root, a .beton file for "
-                 f"--loader ffcv, or one of: {', '.join(BUILTIN_DATASETS)})")
-    if cfg.eval_every:
-        _require(importlib.util.find_spec("evaluation") is not None,
-                 "--eval-every needs the evaluation package (kNN monitor), which is not installed")
+    builtin = parse_builtin(cfg.data)
+    if builtin is not None:
+        _require(builtin.is_dir(), f"--data {cfg.data}: the Fashion-MNIST idx folder {builtin} does not exist "
+                 "(scripts/setup.sh installs it; or give fashion-mnist:<folder>)")
+    elif cfg.loader != "synthetic" or cfg.eval_every:
+        _require(Path(cfg.data).exists(), f"--data {cfg.data}: no such file or folder (give an ImageFolder root, "
+                 f"a .beton file for --loader ffcv, or {FASHION_MNIST}[:<idx folder>])")
+    if cfg.eval_every and builtin is None:
+        _require(cfg.val_data is not None and Path(cfg.val_data).is_dir(),
+                 f"--eval-every with --data {cfg.data} needs --val-data, an existing labelled ImageFolder "
+                 "to report kNN / linear-probe accuracy on")
 
     out = Path(cfg.out)
     _require(not out.exists() or out.is_dir(), f"--out {cfg.out} exists and is not a folder")

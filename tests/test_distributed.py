@@ -1,0 +1,125 @@
+"""The DDP path on CPU (gloo): 2 processes follow 1 process with the same global batch, train.py runs
+2 processes end to end, and each rank's loader shard is disjoint from the others'.
+
+torch's SyncBatchNorm runs only on GPUs, so on CPU each rank's BN would normalise with its own half
+batch and the trajectories would differ by design. The equivalence test therefore uses a BN-free
+BYOL (GroupNorm encoder, BN-less heads): what it checks is the DDP wiring itself (gradient averaging
+over ranks, the un-wrapped target and its EMA, LARS, the loss averaged over ranks at log points).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import train
+from config import TrainConfig
+from models.byol import BYOL
+from models.optim import build_optimizer
+from models.step import ByolStep
+from runtime.checkpoint import CheckpointDir, load_checkpoint
+from runtime.distributed import World, agree, close_world, init_world, launch, wrap_online
+
+GLOBAL_BATCH, STEPS = 8, 5
+
+
+def bn_free_byol() -> BYOL:
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.GroupNorm(2, 8), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    byol = BYOL(encoder, 8, hidden_dim=16, proj_dim=8)
+    for head in (byol.online.projector, byol.online.predictor, byol.target[1]):
+        head[1] = nn.Identity()
+    return byol
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator),
+             torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator)) for _ in range(STEPS)]
+
+
+def trajectory(world: World) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train the BN-free BYOL on this rank's slice of each global batch, as train.py wires it."""
+    byol = bn_free_byol()
+    online = wrap_online(byol, world, sync_bn=True)
+    optimizer = build_optimizer("lars", byol.online.parameters(), lr=0.5, weight_decay=1e-4)
+    step = ByolStep(byol, optimizer, world.device, precision="fp32", compile=False, online=online)
+    share = GLOBAL_BATCH // world.size
+    rows = slice(world.rank * share, (world.rank + 1) * share)
+    losses = [agree(world, step(v1[rows], v2[rows], lr=0.5, tau=0.9), [])[0] for v1, v2 in global_batches()]
+    return losses, {k: v.clone() for k, v in byol.state_dict().items()}
+
+
+def ddp_rank(out: str) -> int:
+    world = init_world(use_cuda=False)
+    try:
+        losses, state = trajectory(world)
+    finally:
+        close_world(world)
+    torch.save({"losses": losses, "state": state}, Path(out) / f"rank{world.rank}.pt")
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path):
+    assert launch(ddp_rank, str(tmp_path), world_size=2) == 0
+    single_losses, single_state = trajectory(World(0, 0, 1, torch.device("cpu")))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the mean over ranks
+    # Same maths, different summation order (all-reduce of two half-batch gradients): float32 noise only.
+    assert ranks[0]["losses"] == pytest.approx(single_losses, rel=1e-5)
+    assert single_losses[-1] < single_losses[0] - 1e-3  # it trains, so the comparison is not of constants
+    for rank in ranks:
+        for name, tensor in single_state.items():
+            torch.testing.assert_close(rank["state"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_train_py_runs_two_cpu_processes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--loader", "synthetic", "--gpus", "0", "--processes", "2",
+         "--arch", "resnet18", "--res", "8", "--batch-size", "8", "--no-compile", "--hidden-dim", "64",
+         "--proj-dim", "32", "--workers", "0", "--steps", "2", "--log-every", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "global batch 8 over 2 process(es)" in result.stdout
+    assert sum(line.startswith("step") for line in result.stdout.splitlines()) == 2  # rank 0 only
+    state = load_checkpoint(CheckpointDir(tmp_path / "checkpoints", keep=3).paths()[0])
+    assert state["step"] == 2 and len(state["rng"]) == 2
+    # Each rank seeds its augmentation RNG with seed + rank, so the saved streams differ.
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def one_photo_per_class(photo_corpus, tmp_path_factory) -> Path:
+    """16 real photos, each its own class, so a batch's labels name exactly which images it holds."""
+    root = tmp_path_factory.mktemp("one_per_class")
+    for i, photo in enumerate(sorted(Path(photo_corpus).rglob("*.JPEG"))[:16]):
+        (root / f"class_{i:02d}").mkdir()
+        (root / f"class_{i:02d}" / photo.name).write_bytes(photo.read_bytes())
+    return root
+
+
+@pytest.mark.timeout(300)
+def test_rank_loaders_get_disjoint_shards_of_the_global_batch(one_photo_per_class):
+    cfg = TrainConfig(loader="torchvision", data=str(one_photo_per_class), batch_size=4, res=16, workers=0,
+                      seed=5).resolved()
+    seen = []
+    for rank in range(2):
+        loader = train.make_loader(cfg, World(rank, rank, 2, torch.device("cpu")), cfg.data)
+        loader.set_epoch(0)
+        labels = [labels for _, _, labels in loader]
+        assert len(labels) == len(loader) == 4 and all(len(batch) == 2 for batch in labels)  # 4 global / 2 ranks
+        seen.append({int(x) for batch in labels for x in batch})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(16))
