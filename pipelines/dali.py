@@ -92,8 +92,9 @@ def _blur(img, spec: ViewSpec, kernel: int):
     """Gaussian blur with p = blur_p, sigma ~ U[blur_sigma], window at most the recipe's kernel.
 
     The window is 2 ceil(3 sigma) + 1 when that is smaller than the recipe's kernel: the cut tails
-    hold < 0.3% of the kernel mass (under one grey level), and the blur, the costliest op on CPU,
-    gets up to 2.5x cheaper. A sample that is not blurred gets a 1-tap window (an exact copy).
+    hold < 0.3% of each 1-D kernel's mass (at most ~1.4 grey levels, on a hard edge), and the blur,
+    the costliest op on CPU, gets about 3x cheaper at 224 px (mean window 9 instead of 23).
+    A sample that is not blurred gets a 1-tap window: an exact copy.
     """
     if spec.blur_p == 0:
         return img
@@ -110,7 +111,10 @@ def _solarize(img, spec: ViewSpec):
         return img
     # x >= t on the [0, 1] scale is x >= ceil(255 t) on uint8 (128 for t = 0.5).
     threshold = math.ceil(spec.solarize_threshold * 255)
-    mask = (img >= threshold) * fn.random.coin_flip(probability=spec.solarize_p, dtype=types.UINT8)
+    fired = fn.random.coin_flip(probability=spec.solarize_p, dtype=types.UINT8)
+    if img.device == "gpu":  # an expression's tensor inputs must share a device
+        fired = fired.gpu()
+    mask = (img >= threshold) * fired
     return fn.cast(img ^ (mask * 255), dtype=types.UINT8)
 
 
