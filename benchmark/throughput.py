@@ -1,0 +1,433 @@
+"""Throughput of every loader, of the BYOL step, and of both together, on this machine (CPU or GPU).
+
+    python benchmark/throughput.py                     # full run for this machine's device
+    python benchmark/throughput.py --quick             # seconds-long smoke run (what the tests use)
+    python benchmark/throughput.py --loaders dali torchvision --sections loader --res 224 --batch-size 64
+
+An image is one dataset image delivered as BOTH augmented views on the training device (ffcv
+includes its on-device augmentation). Sections:
+- decode:      PIL (libjpeg-turbo) decode of the corpus JPEGs in a process pool over all cores, nothing
+               else: the physical limit of any CPU loader (run by default on CPU only).
+- loader:      loader-only images/s for each installed loader (dali, ffcv, torchvision, synthetic).
+- step:        step-only images/s from synthetic device views: eager/compiled x fused LARS (`lars`) /
+               per-parameter torch-optimizer LARS (`lars-reference`). The compute ceiling.
+- end_to_end:  each loader feeding the real step (the ceiling's configuration).
+Warm-up (pipeline build, compilation, the first pass through the OS cache) is never timed: every
+corpus file is read once first, then `--warmup` batches/steps run untimed. Each figure is the
+median of `--repeats` runs; the loaders keep streaming across runs and epochs.
+
+Defaults follow the device (`Sizes`): on CUDA ResNet-50, batch 256, eager and compiled, bf16
+channels_last; on CPU ResNet-18, batch 32, eager only and a few steps (a ResNet-50 BYOL step runs at
+1-3 images/s on 2 cores, so on CPU the loader-only figures are the meaningful ones).
+
+JSON (benchmark/results/<device>-<date>.json; stable keys, schema_version 1):
+    environment: date, device ("cpu"|"cuda"), device_name, cpu_model, cpu_cores_used, cpu_count,
+                 torch_threads, load_average [1, 5, 15 min] at the start, load_average_end, hostname,
+                 versions {python, torch, ...}, git_commit
+    setup:       corpus, corpus_images, beton, res, batch_size, arch, small_images, hidden_dim,
+                 precision, view_dtype, workers, repeats, loader_batches, loader_warmup, steps,
+                 step_warmup, compile_modes, optimizers, loaders, sections, quick, notes [str]
+    sections:    {decode: {pil: R}, loader: {<loader>: R}, step: {<compile>-<optimizer>: R},
+                  end_to_end: {<loader>: R}}, a section not run is {}; R = {images_per_s (median),
+                  min, max, spread_pct ((max-min)/median), runs [images/s], warmup, per_run, unit}
+    ceiling:     key of sections.step that end_to_end runs and verdicts compare with, or null
+    verdict:     {<loader>: {bound ("loader"|"compute"), loader_images_per_s, step_images_per_s,
+                  loader_over_step, end_to_end_images_per_s, end_to_end_pct_of_step}} for loaders
+                  with both a loader-only figure and a ceiling; bound is "loader" exactly when
+                  loader_images_per_s < step_images_per_s; the end_to_end fields are null without one
+    speedup_vs_torchvision: {<loader>: loader-only images/s / torchvision's}, {} without torchvision
+    best_loader: the fastest real (non-synthetic) loader by loader-only images/s, or null
+    skipped:     {<loader or section>: reason}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import gc
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+# `python benchmark/throughput.py` puts benchmark/ first on sys.path; the project root is needed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from PIL import Image
+
+from benchmark.make_corpus import make_corpus
+from benchmark.report import plot, print_report, write_json
+from benchmark.timing import (
+    REPO,
+    Rate,
+    endless,
+    environment,
+    measure_loader,
+    measure_stream,
+    time_runs,
+    warm_os_cache,
+)
+from config import TrainConfig
+from models.optim import build_optimizer
+from models.schedules import scaled_lr
+from models.step import ByolStep
+from pipelines.base import Batch, LoaderConfig, LoaderUnavailable
+from pipelines.imagefolder import load_index
+from pipelines.registry import LOADER_MODULES, build_loader, is_available
+from pipelines.views import BYOL_VIEWS
+from train import build_model, view_dtype
+
+SECTIONS = ("decode", "loader", "step", "end_to_end")
+COMPILE_MODES = ("eager", "compiled")
+OPTIMIZERS = ("lars", "lars-reference")
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Run sizes; every CLI flag left unset takes its value from the preset for the device."""
+
+    res: int
+    batch_size: int
+    arch: str
+    hidden_dim: int
+    images: int  # corpus size when --corpus is not given
+    repeats: int
+    batches: int  # loader batches per timed run
+    warmup: int  # untimed loader batches
+    steps: int  # steps per timed run (step and end-to-end)
+    step_warmup: int
+    compile_modes: tuple[str, ...]
+    sections: tuple[str, ...]
+    small_images: bool | None = None  # None: the trainer's rule (CIFAR stem at <= 64 px)
+
+
+PRESETS = {
+    "cuda": Sizes(res=224, batch_size=256, arch="resnet50", hidden_dim=4096, images=5000, repeats=5, batches=30,
+                  warmup=10, steps=20, step_warmup=5, compile_modes=COMPILE_MODES,
+                  sections=("loader", "step", "end_to_end")),
+    "cpu": Sizes(res=224, batch_size=32, arch="resnet18", hidden_dim=4096, images=1000, repeats=3, batches=10,
+                 warmup=3, steps=2, step_warmup=1, compile_modes=("eager",), sections=SECTIONS),
+    # The ImageNet stem at 32 px: the CIFAR stem would make the smoke run's step 16x as costly.
+    "quick": Sizes(res=32, batch_size=8, arch="resnet18", hidden_dim=256, images=48, repeats=2, batches=2,
+                   warmup=1, steps=2, step_warmup=1, compile_modes=("eager",), sections=SECTIONS,
+                   small_images=False),
+}
+
+
+@dataclass
+class Bench:
+    """Everything a section needs: the device (the one place device choices are made), sizes, data."""
+
+    device: torch.device
+    sizes: Sizes
+    cores: int
+    corpus: str
+    beton: str | None
+    quick: bool
+
+    @property
+    def train_config(self) -> TrainConfig:
+        s = self.sizes
+        return TrainConfig(arch=s.arch, res=s.res, batch_size=s.batch_size, hidden_dim=s.hidden_dim,
+                           small_images=s.small_images).resolved()
+
+    @property
+    def precision(self) -> str:
+        """bf16 autocast on CUDA (the trainer's default); fp32 on CPU, as train.py runs it."""
+        return self.train_config.precision if self.device.type == "cuda" else "fp32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return view_dtype(self.train_config, self.device)
+
+    def loader_config(self, name: str) -> LoaderConfig:
+        return LoaderConfig(data=self.beton if name == "ffcv" else self.corpus, batch_size=self.sizes.batch_size,
+                            recipe=BYOL_VIEWS.with_overrides(res=self.sizes.res), device=self.device,
+                            dtype=self.dtype, workers=self.cores)
+
+    def build_step(self, compile_mode: str, optimizer: str) -> ByolStep:
+        cfg = self.train_config
+        byol = build_model(cfg, self.device)
+        opt = build_optimizer(optimizer, byol.online.parameters(), scaled_lr(cfg.base_lr, cfg.batch_size),
+                              cfg.weight_decay, cfg.momentum, cfg.eta, self.device)
+        return ByolStep(byol, opt, self.device, precision=self.precision, compile=compile_mode == "compiled")
+
+
+@contextlib.contextmanager
+def batch_stream(name: str, cfg: LoaderConfig) -> Iterator[Iterator[Batch]]:
+    """An endless batch stream of the named loader, shut down (threads, workers) on exit."""
+    threads = torch.get_num_threads()
+    stream = endless(build_loader(name, cfg))
+    # FFCV's Loader sets torch's intra-op threads to its worker count; the step must keep ours.
+    torch.set_num_threads(threads)
+    try:
+        yield stream
+    finally:
+        stream.close()
+        gc.collect()
+        torch.set_num_threads(threads)
+
+
+def _decode(paths: list[str]) -> int:
+    for path in paths:
+        with Image.open(path) as img:
+            img.convert("RGB")  # a no-op copy for RGB JPEGs, a real conversion for the odd ones, as loaders do
+    return len(paths)
+
+
+def measure_decode(paths: list[str], workers: int, repeats: int) -> Rate:
+    """Decode-only images/s of the corpus JPEGs over `workers` processes (one untimed pass first)."""
+    chunks = [paths[i::workers * 4] for i in range(workers * 4)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_decode, chunks))  # starts the workers and imports PIL there
+
+        def run() -> int:
+            return sum(pool.map(_decode, chunks))
+
+        return Rate(tuple(time_runs(run, repeats, torch.device("cpu"))), warmup=1, per_run=len(paths), unit="files")
+
+
+def measure_step(bench: Bench, step: ByolStep, loader: str = "synthetic") -> Rate:
+    """Step images/s fed by `loader`: synthetic device views give the step-only ceiling, a real
+    loader gives end-to-end."""
+    s, cfg = bench.sizes, bench.train_config
+    lr, tau = scaled_lr(cfg.base_lr, s.batch_size), cfg.tau_base
+
+    def consume(batch: Batch) -> None:
+        step(batch[0], batch[1], lr, tau)
+
+    with batch_stream(loader, bench.loader_config(loader)) as stream:
+        return measure_stream(stream, consume, s.step_warmup, s.steps, s.repeats, bench.device, "steps")
+
+
+def ceiling_key(compile_modes: tuple[str, ...]) -> str:
+    """The step end-to-end runs: the trainer's default (compiled, fused LARS) unless compile is off."""
+    return f"{'compiled' if 'compiled' in compile_modes else 'eager'}-lars"
+
+
+def verdicts(sections: dict, ceiling: str | None) -> dict:
+    step = sections["step"].get(ceiling) if ceiling else None
+    if step is None:
+        return {}
+    out = {}
+    for name, rate in sections["loader"].items():
+        loader_ips, step_ips = rate["images_per_s"], step["images_per_s"]
+        e2e = sections["end_to_end"].get(name, {}).get("images_per_s")
+        out[name] = {
+            "bound": "loader" if loader_ips < step_ips else "compute",
+            "loader_images_per_s": loader_ips, "step_images_per_s": step_ips,
+            "loader_over_step": loader_ips / step_ips,
+            "end_to_end_images_per_s": e2e,
+            "end_to_end_pct_of_step": None if e2e is None else 100.0 * e2e / step_ips,
+        }
+    return out
+
+
+def run_sections(bench: Bench, loaders: list[str], sections: tuple[str, ...], optimizers: tuple[str, ...],
+                 skipped: dict[str, str]) -> tuple[dict, str | None]:
+    s = bench.sizes
+    results: dict[str, dict] = {section: {} for section in SECTIONS}
+    if "decode" in sections:
+        paths = [path for path, _ in load_index(bench.corpus).samples]
+        results["decode"]["pil"] = measure_decode(paths, bench.cores, s.repeats).to_dict()
+    for name in loaders if "loader" in sections else ():
+        try:
+            with batch_stream(name, bench.loader_config(name)) as stream:
+                rate = measure_loader(stream, s.warmup, s.batches, s.repeats, bench.device)
+            results["loader"][name] = rate.to_dict()
+        except (LoaderUnavailable, ValueError, RuntimeError) as err:
+            skipped[name] = f"{type(err).__name__}: {err}"
+    ceiling = ceiling_key(s.compile_modes) if {"step", "end_to_end"} & set(sections) else None
+    configs = [f"{c}-{o}" for c in s.compile_modes for o in optimizers] if "step" in sections else [ceiling]
+    for key in configs if ceiling else ():
+        step = bench.build_step(*key.split("-", 1))
+        results["step"][key] = measure_step(bench, step).to_dict()
+        if key == ceiling and "end_to_end" in sections:
+            for name in (n for n in loaders if n not in skipped):
+                results["end_to_end"][name] = measure_step(bench, step, name).to_dict()
+        del step
+        gc.collect()
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results, ceiling
+
+
+def prepare_corpus(corpus: str | None, cache: Path, images: int) -> str:
+    if corpus is not None:
+        if not Path(corpus).is_dir():
+            raise ValueError(f"--corpus {corpus} is not a folder; build one with "
+                             f"python -m benchmark.make_corpus --out {corpus} --images 2000")
+        return corpus
+    path = cache / f"corpus-{images}"
+    if not path.is_dir():
+        print(f"building a {images}-image corpus of real photos in {path}", file=sys.stderr)
+        make_corpus(path, images=images, classes=10, seed=0)
+    return str(path)
+
+
+def prepare_beton(corpus: str, cache: Path, workers: int) -> str:
+    """The corpus as a .beton in the cache, converted once; the name hashes the corpus path and its
+    mtime, so a rebuilt corpus gets a fresh file."""
+    from pipelines.ffcv_convert import main as ffcv_convert
+
+    root = Path(corpus).resolve()
+    key = hashlib.sha1(f"{root}:{root.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+    out = cache / f"{root.name}-{key}.beton"
+    if not out.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        if ffcv_convert(["--src", corpus, "--out", str(out), "--workers", str(workers)]) != 0:
+            raise RuntimeError(f"could not convert {corpus} to {out} (see the converter's message above)")
+    return str(out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmark/throughput.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--loaders", nargs="+", default=list(LOADER_MODULES), choices=list(LOADER_MODULES))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="default: all (decode on CPU only)")
+    parser.add_argument("--corpus", help="ImageFolder root of JPEGs (default: build one in --cache)")
+    parser.add_argument("--images", type=int, help="size of the corpus built when --corpus is not given")
+    parser.add_argument("--res", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"))
+    parser.add_argument("--hidden-dim", type=int, help="projector/predictor hidden width")
+    parser.add_argument("--repeats", type=int, help="timed runs per figure (median reported)")
+    parser.add_argument("--batches", type=int, help="loader batches per timed run")
+    parser.add_argument("--warmup", type=int, help="untimed loader batches before timing")
+    parser.add_argument("--steps", type=int, help="steps per timed run (step and end-to-end)")
+    parser.add_argument("--step-warmup", type=int, help="untimed steps (compilation happens here)")
+    parser.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES)
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    parser.add_argument("--cores", type=int, help="pin the run and its workers to this many cores (default: all)")
+    parser.add_argument("--cache", type=Path, default=REPO / "data" / "bench", help="corpus and .beton cache")
+    parser.add_argument("--out", type=Path, help="output path without suffix (default: "
+                        "benchmark/results/<device>-<date>; runs/benchmark/... with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds-long smoke run: tiny corpus, res 32, small resnet18, 2 batches, no compile")
+    return parser.parse_args(argv)
+
+
+def resolve_sizes(args: argparse.Namespace, device: torch.device) -> Sizes:
+    preset = PRESETS["quick" if args.quick else device.type]
+    sections = tuple(args.sections) if args.sections else tuple(
+        s for s in preset.sections if s != "decode" or device.type == "cpu" or args.quick)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)
+                 if f.name != "sections" and getattr(args, f.name, None) is not None}
+    if "compile_modes" in overrides:
+        overrides["compile_modes"] = tuple(overrides["compile_modes"])
+    sizes = dataclasses.replace(preset, sections=sections, **overrides)
+    for name in ("res", "batch_size", "hidden_dim", "images", "repeats", "batches", "steps"):
+        if getattr(sizes, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(sizes, name)}")
+    if sizes.warmup < 0 or sizes.step_warmup < 0:
+        raise ValueError("--warmup and --step-warmup must be at least 0")
+    return sizes
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def pin_cores(cores: int | None, quick: bool) -> int:
+    available = sorted(os.sched_getaffinity(0))
+    if cores is not None:
+        if not 1 <= cores <= len(available):
+            raise ValueError(f"--cores must be between 1 and {len(available)}, got {cores}")
+        os.sched_setaffinity(0, available[:cores])  # inherited by loader workers and DALI threads
+    used = len(os.sched_getaffinity(0))
+    # Two intra-op threads on a busy machine wait on each other at every op (a tiny step gets ~40x
+    # slower); a smoke run must not depend on the machine being idle.
+    torch.set_num_threads(1 if quick else used)
+    return used
+
+
+def notes(bench: Bench, sections: tuple[str, ...]) -> list[str]:
+    found = []
+    if bench.device.type == "cpu":
+        found.append(f"CPU run: the step and end-to-end sections use {bench.sizes.arch} and "
+                     f"{bench.sizes.steps} steps per run; loader-only is the meaningful CPU figure")
+        if "end_to_end" in sections:
+            found.append("CPU end-to-end: loader workers and the step share the same cores")
+    if bench.beton:
+        found.append("ffcv reads a .beton of the corpus re-encoded as JPEG quality 90")
+    if bench.quick:
+        found.append("--quick smoke run: tiny sizes, the figures say nothing about speed")
+    return found
+
+
+def run(args: argparse.Namespace) -> tuple[dict, Path]:
+    device = resolve_device(args.device)
+    sizes = resolve_sizes(args, device)
+    cores = pin_cores(args.cores, args.quick)
+    env = environment(device)
+    skipped: dict[str, str] = {}
+    loaders = []
+    for name in args.loaders:
+        if is_available(name):
+            loaders.append(name)
+        else:
+            skipped[name] = f"not installed (see {LOADER_MODULES[name]})"
+    cache = args.cache
+    corpus = prepare_corpus(args.corpus, cache / ("quick" if args.quick else ""), sizes.images)
+    beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders else None
+    bench = Bench(device, sizes, cores, corpus, beton, args.quick)
+    paths = [path for path, _ in load_index(corpus).samples]
+    warm_os_cache(paths + ([beton] if beton else []))
+    sections, ceiling = run_sections(bench, loaders, sizes.sections, tuple(args.optimizers), skipped)
+    env["load_average_end"] = list(os.getloadavg())
+    cfg = bench.train_config
+    real = {n: r["images_per_s"] for n, r in sections["loader"].items() if n != "synthetic"}
+    baseline = real.get("torchvision")
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "environment": env,
+        "setup": {
+            "corpus": str(Path(corpus).resolve()), "corpus_images": len(paths), "beton": beton,
+            "res": sizes.res, "batch_size": sizes.batch_size, "arch": sizes.arch, "small_images": cfg.small_images,
+            "hidden_dim": sizes.hidden_dim, "precision": bench.precision, "view_dtype": str(bench.dtype),
+            "workers": cores, "repeats": sizes.repeats, "loader_batches": sizes.batches,
+            "loader_warmup": sizes.warmup, "steps": sizes.steps, "step_warmup": sizes.step_warmup,
+            "compile_modes": list(sizes.compile_modes), "optimizers": list(args.optimizers), "loaders": loaders,
+            "sections": list(sizes.sections), "quick": args.quick, "notes": notes(bench, sizes.sections),
+        },
+        "sections": sections,
+        "ceiling": ceiling,
+        "verdict": verdicts(sections, ceiling),
+        "speedup_vs_torchvision": {n: ips / baseline for n, ips in real.items()} if baseline else {},
+        "best_loader": max(real, key=real.get) if real else None,
+        "skipped": skipped,
+    }
+    date = dt.date.today().isoformat()
+    out = args.out or (REPO / "runs" / "benchmark" / f"{device.type}-{date}-quick" if args.quick
+                       else REPO / "benchmark" / "results" / f"{device.type}-{date}")
+    return result, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result, out = run(args)
+    except (ValueError, LoaderUnavailable) as err:
+        print(f"throughput: error: {err}", file=sys.stderr)
+        return 2
+    print_report(result)
+    write_json(result, out.with_suffix(".json"))
+    written = [out.with_suffix(".json")] + ([out.with_suffix(".png")] if plot(result, out.with_suffix(".png")) else [])
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
