@@ -340,17 +340,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pin_cores(cores: int | None, quick: bool) -> int:
+def chosen_cores(cores: int | None) -> list[int]:
     available = sorted(os.sched_getaffinity(0))
-    if cores is not None:
-        if not 1 <= cores <= len(available):
-            raise ValueError(f"--cores must be between 1 and {len(available)}, got {cores}")
-        os.sched_setaffinity(0, available[:cores])  # inherited by loader workers and DALI threads
-    used = len(os.sched_getaffinity(0))
+    if cores is not None and not 1 <= cores <= len(available):
+        raise ValueError(f"--cores must be between 1 and {len(available)}, got {cores}")
+    return available[:cores]
+
+
+def pin_cores(cores: list[int], quick: bool) -> int:
+    os.sched_setaffinity(0, cores)  # inherited by loader workers and DALI threads
     # Two intra-op threads on a busy machine wait on each other at every op (a tiny step gets ~40x
     # slower); a smoke run must not depend on the machine being idle.
-    torch.set_num_threads(1 if quick else used)
-    return used
+    torch.set_num_threads(1 if quick else len(cores))
+    return len(cores)
 
 
 def notes(bench: Bench, sections: tuple[str, ...]) -> list[str]:
@@ -370,7 +372,10 @@ def notes(bench: Bench, sections: tuple[str, ...]) -> list[str]:
 def run(args: argparse.Namespace) -> tuple[dict, Path]:
     device = resolve_device(args.device)
     sizes = resolve_sizes(args, device)
-    cores = pin_cores(args.cores, args.quick)
+    core_ids = chosen_cores(args.cores)
+    cache = args.cache
+    corpus = prepare_corpus(args.corpus, cache / ("quick" if args.quick else ""), sizes.images)
+    cores = pin_cores(core_ids, args.quick)
     env = environment(device)
     skipped: dict[str, str] = {}
     loaders = []
@@ -379,8 +384,6 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
             loaders.append(name)
         else:
             skipped[name] = f"not installed (see {LOADER_MODULES[name]})"
-    cache = args.cache
-    corpus = prepare_corpus(args.corpus, cache / ("quick" if args.quick else ""), sizes.images)
     beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders else None
     bench = Bench(device, sizes, cores, corpus, beton, args.quick)
     paths = [path for path, _ in load_index(corpus).samples]

@@ -1,0 +1,168 @@
+"""benchmark/throughput.py: the --quick run's JSON (keys, positive numbers, verdicts that follow from
+the numbers), the timing helpers against hand counts, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark.throughput as throughput
+from benchmark.throughput import SECTIONS, main, verdicts
+from benchmark.timing import Rate, measure_stream
+from pipelines.registry import LOADER_MODULES, is_available
+
+REPO = Path(__file__).resolve().parents[1]
+TOP_KEYS = {"schema_version", "environment", "setup", "sections", "ceiling", "verdict", "speedup_vs_torchvision",
+            "best_loader", "skipped"}
+RATE_KEYS = {"images_per_s", "min", "max", "spread_pct", "runs", "warmup", "per_run", "unit"}
+ENV_KEYS = {"date", "device", "device_name", "cpu_model", "cpu_cores_used", "cpu_count", "torch_threads",
+            "load_average", "load_average_end", "hostname", "versions", "git_commit"}
+VERDICT_KEYS = {"bound", "loader_images_per_s", "step_images_per_s", "loader_over_step", "end_to_end_images_per_s",
+                "end_to_end_pct_of_step"}
+
+
+@pytest.fixture(scope="module")
+def quick(photo_corpus: str, tmp_path_factory) -> tuple[dict, Path]:
+    """One `python benchmark/throughput.py --quick` run, as a user starts it (a separate process)."""
+    tmp = tmp_path_factory.mktemp("throughput")
+    out = tmp / "result"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmark" / "throughput.py"), "--quick", "--device", "cpu",
+         "--corpus", photo_corpus, "--cache", str(tmp / "cache"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.with_suffix(".json").read_text()), out
+
+
+def _rates(result: dict):
+    for section in SECTIONS:
+        for name, rate in result["sections"][section].items():
+            yield section, name, rate
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(660)
+def test_quick_json_has_the_documented_keys(quick) -> None:
+    result, _ = quick
+    assert set(result) == TOP_KEYS
+    assert set(result["environment"]) == ENV_KEYS
+    assert set(result["sections"]) == set(SECTIONS)
+    assert result["setup"]["quick"] is True and result["setup"]["res"] == 32
+    assert result["environment"]["device"] == "cpu" and len(result["environment"]["load_average"]) == 3
+    assert result["environment"]["versions"]["python"] == platform.python_version()
+    assert torch.__version__.startswith(result["environment"]["versions"]["torch"])
+    for key in TOP_KEYS | set(result["setup"]) | ENV_KEYS | RATE_KEYS | VERDICT_KEYS:
+        assert key in throughput.__doc__, f"JSON key {key!r} is not documented in the module docstring"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(660)
+def test_quick_numbers_are_positive_and_self_consistent(quick) -> None:
+    result, _ = quick
+    repeats = result["setup"]["repeats"]
+    assert {s for s, _, _ in _rates(result)} == set(SECTIONS)
+    for section, name, rate in _rates(result):
+        where = f"{section}/{name}"
+        assert set(rate) == RATE_KEYS, where
+        assert len(rate["runs"]) == repeats and all(r > 0 and math.isfinite(r) for r in rate["runs"]), where
+        assert rate["min"] == min(rate["runs"]) and rate["max"] == max(rate["runs"]), where
+        assert rate["min"] <= rate["images_per_s"] <= rate["max"], where
+        assert rate["spread_pct"] == pytest.approx(100 * (rate["max"] - rate["min"]) / rate["images_per_s"])
+    # The decode-only figure counts every corpus file once per run.
+    assert result["sections"]["decode"]["pil"]["per_run"] == result["setup"]["corpus_images"] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(660)
+def test_quick_measures_every_installed_loader(quick) -> None:
+    result, _ = quick
+    for name in LOADER_MODULES:
+        if is_available(name):
+            assert name in result["sections"]["loader"], result["skipped"].get(name)
+            assert name in result["sections"]["end_to_end"]
+        else:
+            assert name in result["skipped"]
+    assert set(result["sections"]["step"]) == {"eager-lars", "eager-lars-reference"}
+    assert result["ceiling"] == "eager-lars"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(660)
+def test_quick_verdicts_follow_from_the_numbers(quick) -> None:
+    result, _ = quick
+    sections, ceiling = result["sections"], result["sections"]["step"][result["ceiling"]]["images_per_s"]
+    assert set(result["verdict"]) == set(sections["loader"])
+    for name, verdict in result["verdict"].items():
+        loader = sections["loader"][name]["images_per_s"]
+        e2e = sections["end_to_end"][name]["images_per_s"]
+        assert set(verdict) == VERDICT_KEYS
+        assert verdict["bound"] == ("loader" if loader < ceiling else "compute"), name
+        assert verdict["step_images_per_s"] == ceiling and verdict["loader_images_per_s"] == loader
+        assert verdict["loader_over_step"] == pytest.approx(loader / ceiling)
+        assert verdict["end_to_end_pct_of_step"] == pytest.approx(100 * e2e / ceiling)
+    loaders = {n: r["images_per_s"] for n, r in sections["loader"].items() if n != "synthetic"}
+    assert result["best_loader"] == max(loaders, key=loaders.get)
+    if "torchvision" in loaders:
+        for name, speedup in result["speedup_vs_torchvision"].items():
+            assert speedup == pytest.approx(loaders[name] / loaders["torchvision"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(660)
+def test_quick_writes_a_png_chart(quick) -> None:
+    _, out = quick
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _rate(ips: float) -> dict:
+    return Rate((ips,), warmup=0, per_run=1, unit="batches").to_dict()
+
+
+def test_verdicts_by_hand() -> None:
+    sections = {
+        "decode": {}, "step": {"eager-lars": _rate(100.0)},
+        "loader": {"slow": _rate(40.0), "fast": _rate(400.0), "no_e2e": _rate(100.0)},
+        "end_to_end": {"slow": _rate(35.0), "fast": _rate(90.0)},
+    }
+    out = verdicts(sections, "eager-lars")
+    assert out["slow"]["bound"] == "loader" and out["slow"]["end_to_end_pct_of_step"] == pytest.approx(35.0)
+    assert out["fast"]["bound"] == "compute" and out["fast"]["loader_over_step"] == pytest.approx(4.0)
+    # A loader exactly as fast as the step does not hold it back.
+    assert out["no_e2e"]["bound"] == "compute" and out["no_e2e"]["end_to_end_pct_of_step"] is None
+    assert verdicts(sections, None) == {}
+
+
+def test_rate_median_and_spread() -> None:
+    rate = Rate((10.0, 30.0, 20.0, 12.0), warmup=2, per_run=5, unit="steps")
+    assert rate.median == 16.0  # mean of the middle two
+    assert rate.spread_pct == pytest.approx(100 * 20 / 16)
+    assert rate.to_dict()["runs"] == [10.0, 30.0, 20.0, 12.0]
+
+
+def test_measure_stream_excludes_warmup_and_counts_images() -> None:
+    batch_sizes = iter([3] * 2 + [4, 5, 6, 7, 8, 9])  # two warm-up batches, then 3 runs x 2 batches
+    stream = ((torch.zeros(b, 1), torch.zeros(b, 1), torch.zeros(b)) for b in batch_sizes)
+    seen = []
+    rate = measure_stream(stream, lambda batch: seen.append(batch[0].shape[0]), warmup=2, per_run=2, repeats=3,
+                          device=torch.device("cpu"), unit="batches")
+    assert seen == [3, 3, 4, 5, 6, 7, 8, 9]
+    assert len(rate.runs) == 3 and all(r > 0 for r in rate.runs)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--corpus", "/nonexistent/corpus"], "is not a folder"),
+    (["--res", "0"], "--res must be at least 1"),
+    (["--cores", "999"], "--cores must be between"),
+])
+def test_bad_input_gives_one_clear_line(args, message, tmp_path, capsys) -> None:
+    assert main(["--quick", "--device", "cpu", "--cache", str(tmp_path), "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
