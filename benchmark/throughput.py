@@ -16,9 +16,12 @@ Warm-up (pipeline build, compilation, the first pass through the OS cache) is ne
 corpus file is read once first, then `--warmup` batches/steps run untimed. Each figure is the
 median of `--repeats` runs; the loaders keep streaming across runs and epochs.
 
-Defaults follow the device (`Sizes`): on CUDA ResNet-50, batch 256, eager and compiled, bf16
-channels_last; on CPU ResNet-18, batch 32, eager only and a few steps (a ResNet-50 BYOL step runs at
-1-3 images/s on 2 cores, so on CPU the loader-only figures are the meaningful ones).
+Defaults follow the device (`PRESETS`). On CUDA: ResNet-50, batch 256, bf16 views and autocast,
+channels_last, eager and compiled; DALI decodes with device="mixed" (nvJPEG, partly the hardware
+decoder) and augments on the GPU, ffcv decodes and crops on the CPU and runs gpu_augment on the GPU.
+On CPU: ResNet-18, batch 32, fp32, eager only and one step per run (a ResNet-50 BYOL step runs at
+about 1 image/s on 2 cores; compile with --compile-modes eager compiled), so on CPU the loader-only
+figures are the meaningful ones. All device choices are made in `Bench`.
 
 JSON (benchmark/results/<device>-<date>.json; stable keys, schema_version 1):
     environment: date, device ("cpu"|"cuda"), device_name, cpu_model, cpu_cores_used, cpu_count,
@@ -112,8 +115,9 @@ PRESETS = {
     "cuda": Sizes(res=224, batch_size=256, arch="resnet50", hidden_dim=4096, images=5000, repeats=5, batches=30,
                   warmup=10, steps=20, step_warmup=5, compile_modes=COMPILE_MODES,
                   sections=("loader", "step", "end_to_end")),
+    # A ResNet-18 BYOL step of 32 images at 224 px takes 5-10 s on 2 cores: one step per timed run.
     "cpu": Sizes(res=224, batch_size=32, arch="resnet18", hidden_dim=4096, images=1000, repeats=3, batches=10,
-                 warmup=3, steps=2, step_warmup=1, compile_modes=("eager",), sections=SECTIONS),
+                 warmup=3, steps=1, step_warmup=1, compile_modes=("eager",), sections=SECTIONS),
     # The ImageNet stem at 32 px: the CIFAR stem would make the smoke run's step 16x as costly.
     "quick": Sizes(res=32, batch_size=8, arch="resnet18", hidden_dim=256, images=48, repeats=2, batches=2,
                    warmup=1, steps=2, step_warmup=1, compile_modes=("eager",), sections=SECTIONS,
@@ -384,7 +388,8 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
             loaders.append(name)
         else:
             skipped[name] = f"not installed (see {LOADER_MODULES[name]})"
-    beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders else None
+    uses_loaders = {"loader", "end_to_end"} & set(sizes.sections)
+    beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders and uses_loaders else None
     bench = Bench(device, sizes, cores, corpus, beton, args.quick)
     paths = [path for path, _ in load_index(corpus).samples]
     warm_os_cache(paths + ([beton] if beton else []))
