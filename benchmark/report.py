@@ -40,16 +40,20 @@ def print_report(result: dict, console: Console | None = None) -> None:
     console.print(table)
     if result["verdict"]:
         verdicts = Table(title=f"verdict against the step ceiling ({result['ceiling']})")
-        for column in ("loader", "bound", "loader/step", "end-to-end % of step"):
+        for column in ("loader", "bound", "loader/step", "end-to-end % of step", "loader % of decode limit"):
             verdicts.add_column(column)
         for name, v in result["verdict"].items():
-            pct = v["end_to_end_pct_of_step"]
-            verdicts.add_row(name, v["bound"], f"{v['loader_over_step']:,.2f}", "-" if pct is None else f"{pct:.0f}%")
+            verdicts.add_row(name, v["bound"], f"{v['loader_over_step']:,.2f}",
+                             *(_pct(v[key]) for key in ("end_to_end_pct_of_step", "loader_pct_of_decode")))
         console.print(verdicts)
     for name, reason in result["skipped"].items():
         console.print(f"[yellow]skipped {name}:[/] {reason}")
     for note in setup["notes"]:
         console.print(f"[dim]note: {note}[/]")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}%"
 
 
 def write_json(result: dict, path: Path) -> None:

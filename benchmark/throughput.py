@@ -35,9 +35,10 @@ JSON (benchmark/results/<device>-<date>.json; stable keys, schema_version 1):
                   min, max, spread_pct ((max-min)/median), runs [images/s], warmup, per_run, unit}
     ceiling:     key of sections.step that end_to_end runs and verdicts compare with, or null
     verdict:     {<loader>: {bound ("loader"|"compute"), loader_images_per_s, step_images_per_s,
-                  loader_over_step, end_to_end_images_per_s, end_to_end_pct_of_step}} for loaders
-                  with both a loader-only figure and a ceiling; bound is "loader" exactly when
-                  loader_images_per_s < step_images_per_s; the end_to_end fields are null without one
+                  loader_over_step, end_to_end_images_per_s, end_to_end_pct_of_step,
+                  loader_pct_of_decode}} for loaders with both a loader-only figure and a ceiling;
+                  bound is "loader" exactly when loader_images_per_s < step_images_per_s; the
+                  end_to_end and decode fields are null when that section did not run
     speedup_vs_torchvision: {<loader>: loader-only images/s / torchvision's}, {} without torchvision
     best_loader: the fastest real (non-synthetic) loader by loader-only images/s, or null
     skipped:     {<loader or section>: reason}
@@ -224,12 +225,14 @@ def verdicts(sections: dict, ceiling: str | None) -> dict:
     for name, rate in sections["loader"].items():
         loader_ips, step_ips = rate["images_per_s"], step["images_per_s"]
         e2e = sections["end_to_end"].get(name, {}).get("images_per_s")
+        decode = sections["decode"].get("pil", {}).get("images_per_s")
         out[name] = {
             "bound": "loader" if loader_ips < step_ips else "compute",
             "loader_images_per_s": loader_ips, "step_images_per_s": step_ips,
             "loader_over_step": loader_ips / step_ips,
             "end_to_end_images_per_s": e2e,
             "end_to_end_pct_of_step": None if e2e is None else 100.0 * e2e / step_ips,
+            "loader_pct_of_decode": None if decode is None else 100.0 * loader_ips / decode,
         }
     return out
 

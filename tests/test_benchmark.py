@@ -25,7 +25,7 @@ RATE_KEYS = {"images_per_s", "min", "max", "spread_pct", "runs", "warmup", "per_
 ENV_KEYS = {"date", "device", "device_name", "cpu_model", "cpu_cores_used", "cpu_count", "torch_threads",
             "load_average", "load_average_end", "hostname", "versions", "git_commit"}
 VERDICT_KEYS = {"bound", "loader_images_per_s", "step_images_per_s", "loader_over_step", "end_to_end_images_per_s",
-                "end_to_end_pct_of_step"}
+                "end_to_end_pct_of_step", "loader_pct_of_decode"}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,7 @@ def test_quick_measures_every_installed_loader(quick) -> None:
 def test_quick_verdicts_follow_from_the_numbers(quick) -> None:
     result, _ = quick
     sections, ceiling = result["sections"], result["sections"]["step"][result["ceiling"]]["images_per_s"]
+    decode = sections["decode"]["pil"]["images_per_s"]
     assert set(result["verdict"]) == set(sections["loader"])
     for name, verdict in result["verdict"].items():
         loader = sections["loader"][name]["images_per_s"]
@@ -108,6 +109,7 @@ def test_quick_verdicts_follow_from_the_numbers(quick) -> None:
         assert verdict["step_images_per_s"] == ceiling and verdict["loader_images_per_s"] == loader
         assert verdict["loader_over_step"] == pytest.approx(loader / ceiling)
         assert verdict["end_to_end_pct_of_step"] == pytest.approx(100 * e2e / ceiling)
+        assert verdict["loader_pct_of_decode"] == pytest.approx(100 * loader / decode)
     loaders = {n: r["images_per_s"] for n, r in sections["loader"].items() if n != "synthetic"}
     assert result["best_loader"] == max(loaders, key=loaders.get)
     if "torchvision" in loaders:
@@ -134,6 +136,8 @@ def test_verdicts_by_hand() -> None:
     }
     out = verdicts(sections, "eager-lars")
     assert out["slow"]["bound"] == "loader" and out["slow"]["end_to_end_pct_of_step"] == pytest.approx(35.0)
+    assert out["slow"]["loader_pct_of_decode"] is None
+    assert verdicts({**sections, "decode": {"pil": _rate(80.0)}}, "eager-lars")["slow"]["loader_pct_of_decode"] == 50.0
     assert out["fast"]["bound"] == "compute" and out["fast"]["loader_over_step"] == pytest.approx(4.0)
     # A loader exactly as fast as the step does not hold it back.
     assert out["no_e2e"]["bound"] == "compute" and out["no_e2e"]["end_to_end_pct_of_step"] is None
