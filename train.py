@@ -121,11 +121,14 @@ def train(cfg: TrainConfig, world: World) -> int:
     step_fn = ByolStep(byol, optimizer, world.device, precision=precision, compile=cfg.compile, online=online)
 
     ckpts = preflight.checkpoint_dir(cfg)
-    step = resume(cfg, world, ckpts, byol, optimizer, step_fn) if cfg.resume else 0
+    step = resume(cfg, world, ckpts, byol, optimizer, step_fn, steps_per_epoch) if cfg.resume else 0
     if step == 0:
         seed_all(cfg.seed + world.rank)  # different augmentation draws per rank
 
     def save() -> None:
+        # The loss read at a log point comes from before the step's update: check the weights too.
+        if not torch.isfinite(torch.stack(torch._foreach_norm(list(byol.parameters())))).all():
+            raise NonFiniteLoss(f"the weights became non-finite at step {step}: stopped without saving them")
         rng = gather_to_main(world, rng_state())
         if world.is_main:
             ckpts.save(step, training_state(byol, optimizer, step_fn.scaler, step, steps_per_epoch, rng,
@@ -157,7 +160,7 @@ def train(cfg: TrainConfig, world: World) -> int:
                 time_due = cfg.checkpoint_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes
                 loss_value, (stopping, time_due) = agree(world, loss, [stop.requested, time_due])
                 if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(f"loss is {loss_value} at step {step}: stopped without saving this state")
+                    raise NonFiniteLoss(f"the loss is {loss_value} at step {step}: stopped without saving this state")
                 images_per_s, wait = window.close()
                 record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "tau": tau,
                           "images_per_s": images_per_s, "loader_wait": wait,
@@ -195,7 +198,7 @@ def train(cfg: TrainConfig, world: World) -> int:
 
 
 def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL,
-           optimizer: torch.optim.Optimizer, step_fn: ByolStep) -> int:
+           optimizer: torch.optim.Optimizer, step_fn: ByolStep, steps_per_epoch: int) -> int:
     """Load the newest valid checkpoint into the run; return its step (0 if there is none)."""
     found = ckpts.load_newest_valid(world.device)
     if found is None:
@@ -213,6 +216,9 @@ def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL,
         changed = sorted(k for k, v in state["config"].items() if k not in ignore and cfg.to_dict().get(k) != v)
         print(f"resumed from {path} at step {state['step']}"
               + (f"; options changed since it was saved: {', '.join(changed)}" if changed else ""))
+        if state["steps_per_epoch"] != steps_per_epoch:
+            print(f"note: an epoch is now {steps_per_epoch} steps (was {state['steps_per_epoch']}); the step "
+                  "count carries on, epoch boundaries move")
     return state["step"]
 
 

@@ -14,11 +14,13 @@ torch's SyncBatchNorm runs only on GPUs; CPU (gloo) runs keep per-process BN sta
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+RENDEZVOUS_FILE = "FASTBYOL_RENDEZVOUS_FILE"
 
 
 @dataclass(frozen=True)
@@ -59,15 +62,9 @@ def planned_processes(gpus: int | None, processes: int) -> tuple[int, int]:
     return gpus, gpus if gpus > 0 else processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(index: int, fn: Callable[[Any], int], cfg: Any, world_size: int, port: int) -> None:
+def _worker(index: int, fn: Callable[[Any], int], cfg: Any, world_size: int, rendezvous: str) -> None:
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      **{RENDEZVOUS_FILE: rendezvous})
     code = fn(cfg)
     if code:
         sys.exit(code)
@@ -77,7 +74,8 @@ def launch(fn: Callable[[Any], int], cfg: Any, world_size: int) -> int:
     """Run fn(cfg) in `world_size` processes (in this one when 1 or under torchrun); return the exit code."""
     if world_size == 1 or under_launcher():
         return fn(cfg)
-    context = mp.start_processes(_worker, args=(fn, cfg, world_size, _free_port()), nprocs=world_size,
+    rendezvous = Path(tempfile.mkdtemp(prefix="fastbyol-rdzv-")) / "store"
+    context = mp.start_processes(_worker, args=(fn, cfg, world_size, str(rendezvous)), nprocs=world_size,
                                  start_method="spawn", join=False)
 
     def forward(signum: int, _frame: Any) -> None:
@@ -98,6 +96,7 @@ def launch(fn: Callable[[Any], int], cfg: Any, world_size: int) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(rendezvous.parent, ignore_errors=True)
     return 0
 
 
@@ -109,8 +108,10 @@ def init_world(use_cuda: bool) -> World:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=size,
-                                device_id=device if use_cuda else None)
+        # Processes `launch` spawned meet in a file store (no free-port race); torchrun's use env://.
+        init_method = f"file://{os.environ[RENDEZVOUS_FILE]}" if RENDEZVOUS_FILE in os.environ else "env://"
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
+                                world_size=size, device_id=device if use_cuda else None)
     return World(rank, local_rank, size, device)
 
 

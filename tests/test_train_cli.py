@@ -65,6 +65,20 @@ def test_run_saves_a_final_checkpoint_and_a_torchvision_backbone(finished_run):
     assert sorted(loaded.missing_keys) == ["fc.bias", "fc.weight"] and not loaded.unexpected_keys
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_path):
+    # lr 1e36: LARS moves each weight by ~lr * eta * |w| per step, so float32 overflows within steps.
+    result = run_train(*TINY, "--res", "8", "--base-lr", "1e36", "--steps", "8", "--log-every", "1",
+                       "--checkpoint-minutes", "1e-6", "--out", str(tmp_path))
+    assert result.returncode == train.NAN_EXIT_CODE, result.stderr
+    assert "non-finite" in result.stderr or "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
+    assert "last good checkpoint is kept" in result.stderr
+    for path in CheckpointDir(tmp_path / "checkpoints", keep=3).paths():
+        online = load_checkpoint(path)["online"]
+        assert all(torch.isfinite(t).all() for t in online.values() if t.is_floating_point()), path.name
+
+
 def main_error(capsys, *argv: str) -> str:
     """Run train.main in-process (it fails before starting any process) and return its one error line."""
     assert train.main(list(argv)) == 2
