@@ -56,6 +56,7 @@ class TrainConfig:
     resume: bool = option(False, "continue from the newest valid checkpoint in --out (starts fresh if there is none)")
     eval_every: int = option(0, "kNN monitor every N epochs and kNN + linear probe at the end (0: off)")
     val_data: str | None = option(None, "labelled ImageFolder the evaluation reports on when --data is a folder")
+    eval_limit: int | None = option(None, "evaluate on at most N evenly spaced train and N test images (CPU runs)")
     checkpoint_every: int = option(1, "save a checkpoint every N epochs (0: off)")
     checkpoint_minutes: float = option(30.0, "also save every M minutes of training (0: off)")
     keep_checkpoints: int = option(3, "keep the newest K checkpoints")

@@ -136,7 +136,8 @@ def train(cfg: TrainConfig, world: World) -> int:
 
     out = Path(cfg.out)
     # Labelled splits for the kNN monitor / final probe, on rank 0 only (the others wait at the next sync).
-    eval_sets = eval_splits(cfg.data, cfg.val_data) if cfg.eval_every and world.is_main else None
+    eval_sets = (eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit)
+                 if cfg.eval_every and world.is_main else None)
     log = MetricsLog(out, resume_step=step) if world.is_main else None
     display = Display(total_steps, step, enabled=world.is_main)
     display.message(f"training {cfg.arch} on {cfg.loader}:{cfg.data} at {cfg.res}px, global batch {cfg.batch_size} "

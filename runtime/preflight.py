@@ -28,7 +28,9 @@ def check(cfg: TrainConfig) -> int:
         _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("checkpoint_every", "checkpoint_minutes", "eval_every", "workers", "warmup_epochs"):
         _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    _require(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}")
+    for name in ("steps", "eval_limit"):
+        value = getattr(cfg, name)
+        _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
     if not under_launcher():
         gpus = visible_gpus() if cfg.gpus is None else cfg.gpus

@@ -79,6 +79,22 @@ def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_p
         assert all(torch.isfinite(t).all() for t in online.values() if t.is_floating_point()), path.name
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_real_loader_epoch_runs_the_knn_monitor_and_the_final_evaluation(photo_corpus, tmp_path):
+    # 64 photos / batch 8 = 8 steps per epoch: the epoch end logs kNN top-1, the end writes eval.json.
+    result = run_train("--loader", "torchvision", "--data", photo_corpus, "--val-data", photo_corpus,
+                       *TINY[2:], "--res", "16", "--epochs", "1", "--log-every", "4", "--eval-every", "1",
+                       "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8] and "knn_top1" in records[-1] and "knn_top1" not in records[0]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    # 4 classes: accuracies are fractions, and the monitor and the final kNN see the same final encoder.
+    assert 0 <= scores["linear_top1"] <= 1 and scores["knn_top1"] == pytest.approx(records[-1]["knn_top1"])
+    assert "knn top-1" in result.stdout and "final evaluation" in result.stdout
+
+
 def main_error(capsys, *argv: str) -> str:
     """Run train.main in-process (it fails before starting any process) and return its one error line."""
     assert train.main(list(argv)) == 2
