@@ -54,7 +54,7 @@ import gc
 import hashlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +134,7 @@ class Bench:
     sizes: Sizes
     cores: int
     corpus: str
+    paths: list[str]  # the corpus images every loader reads (pipelines.imagefolder's sample list)
     beton: str | None
     quick: bool
 
@@ -237,28 +238,42 @@ def verdicts(sections: dict, ceiling: str | None) -> dict:
     return out
 
 
+LOADER_ERRORS = (LoaderUnavailable, ValueError, RuntimeError)
+
+
+def _measured(name: str, skipped: dict[str, str], measure: Callable[..., Rate], *args) -> dict | None:
+    """One loader's figure, `measure(*args)`; a loader that fails is reported under `skipped` and the run goes on."""
+    try:
+        return measure(*args).to_dict()
+    except LOADER_ERRORS as err:
+        skipped[name] = f"{type(err).__name__}: {err}"
+        return None
+
+
 def run_sections(bench: Bench, loaders: list[str], sections: tuple[str, ...], optimizers: tuple[str, ...],
                  skipped: dict[str, str]) -> tuple[dict, str | None]:
     s = bench.sizes
     results: dict[str, dict] = {section: {} for section in SECTIONS}
     if "decode" in sections:
-        paths = [path for path, _ in load_index(bench.corpus).samples]
-        results["decode"]["pil"] = measure_decode(paths, bench.cores, s.repeats).to_dict()
+        results["decode"]["pil"] = measure_decode(bench.paths, bench.cores, s.repeats).to_dict()
+
+    def loader_only(name: str) -> Rate:
+        with batch_stream(name, bench.loader_config(name)) as stream:
+            return measure_loader(stream, s.warmup, s.batches, s.repeats, bench.device)
+
     for name in loaders if "loader" in sections else ():
-        try:
-            with batch_stream(name, bench.loader_config(name)) as stream:
-                rate = measure_loader(stream, s.warmup, s.batches, s.repeats, bench.device)
-            results["loader"][name] = rate.to_dict()
-        except (LoaderUnavailable, ValueError, RuntimeError) as err:
-            skipped[name] = f"{type(err).__name__}: {err}"
+        if (rate := _measured(name, skipped, loader_only, name)) is not None:
+            results["loader"][name] = rate
     ceiling = ceiling_key(s.compile_modes) if {"step", "end_to_end"} & set(sections) else None
-    configs = [f"{c}-{o}" for c in s.compile_modes for o in optimizers] if "step" in sections else [ceiling]
-    for key in configs if ceiling else ():
+    configs = [f"{c}-{o}" for c in s.compile_modes for o in optimizers] if "step" in sections else []
+    if "end_to_end" in sections and ceiling not in configs:
+        configs.insert(0, ceiling)
+    for key in configs:
         step = bench.build_step(*key.split("-", 1))
         results["step"][key] = measure_step(bench, step).to_dict()
-        if key == ceiling and "end_to_end" in sections:
-            for name in (n for n in loaders if n not in skipped):
-                results["end_to_end"][name] = measure_step(bench, step, name).to_dict()
+        for name in loaders if key == ceiling and "end_to_end" in sections else ():
+            if name not in skipped and (rate := _measured(name, skipped, measure_step, bench, step, name)):
+                results["end_to_end"][name] = rate
         del step
         gc.collect()
         if bench.device.type == "cuda":
@@ -393,8 +408,8 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
             skipped[name] = f"not installed (see {LOADER_MODULES[name]})"
     uses_loaders = {"loader", "end_to_end"} & set(sizes.sections)
     beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders and uses_loaders else None
-    bench = Bench(device, sizes, cores, corpus, beton, args.quick)
     paths = [path for path, _ in load_index(corpus).samples]
+    bench = Bench(device, sizes, cores, corpus, paths, beton, args.quick)
     warm_os_cache(paths + ([beton] if beton else []))
     sections, ceiling = run_sections(bench, loaders, sizes.sections, tuple(args.optimizers), skipped)
     env["load_average_end"] = list(os.getloadavg())
