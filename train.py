@@ -176,8 +176,8 @@ def train(cfg: TrainConfig, world: World) -> int:
                     save()
                     last_save = time.monotonic()
                 if stopping:
-                    display.message(f"stopped by signal {stop.signum} after step {step}; checkpoint saved in "
-                                    f"{ckpts.folder}; continue with --resume")
+                    display.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpts.folder}; "
+                                    "continue with --resume")
                     return stop.exit_code
                 if finished:
                     break

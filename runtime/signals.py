@@ -26,8 +26,9 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        """128 + signal number, the shell convention, so job scripts see the run did not finish."""
-        return 128 + (self.signum or 0)
+        """128 + signal number, the shell convention, so job scripts see the run did not finish.
+        A rank stopping because another rank was signalled reports SIGTERM."""
+        return 128 + (self.signum or signal.SIGTERM)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
