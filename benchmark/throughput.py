@@ -38,7 +38,8 @@ JSON (benchmark/results/<device>-<date>.json; stable keys, schema_version 1):
                   loader_over_step, end_to_end_images_per_s, end_to_end_pct_of_step,
                   loader_pct_of_decode}} for loaders with both a loader-only figure and a ceiling;
                   bound is "loader" exactly when loader_images_per_s < step_images_per_s; the
-                  end_to_end and decode fields are null when that section did not run
+                  end_to_end and decode fields are null when that section did not run (decode also
+                  for synthetic, which reads no files)
     speedup_vs_torchvision: {<loader>: loader-only images/s / torchvision's}, {} without torchvision
     best_loader: the fastest real (non-synthetic) loader by loader-only images/s, or null
     skipped:     {<loader or section>: reason}
@@ -91,6 +92,8 @@ SECTIONS = ("decode", "loader", "step", "end_to_end")
 COMPILE_MODES = ("eager", "compiled")
 OPTIMIZERS = ("lars", "lars-reference")
 SCHEMA_VERSION = 1
+# Loaders that read no files: no decode limit, no place among the real loaders.
+GENERATED = ("synthetic",)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class Bench:
     device: torch.device
     sizes: Sizes
     cores: int
+    # Loader workers, always equal to torch's intra-op threads: FFCV's Loader sets torch's thread
+    # count to its worker count at every epoch, so any other pairing would not hold.
+    workers: int
     corpus: str
     paths: list[str]  # the corpus images every loader reads (pipelines.imagefolder's sample list)
     beton: str | None
@@ -156,7 +162,7 @@ class Bench:
     def loader_config(self, name: str) -> LoaderConfig:
         return LoaderConfig(data=self.beton if name == "ffcv" else self.corpus, batch_size=self.sizes.batch_size,
                             recipe=BYOL_VIEWS.with_overrides(res=self.sizes.res), device=self.device,
-                            dtype=self.dtype, workers=self.cores)
+                            dtype=self.dtype, workers=self.workers)
 
     def build_step(self, compile_mode: str, optimizer: str) -> ByolStep:
         cfg = self.train_config
@@ -169,16 +175,12 @@ class Bench:
 @contextlib.contextmanager
 def batch_stream(name: str, cfg: LoaderConfig) -> Iterator[Iterator[Batch]]:
     """An endless batch stream of the named loader, shut down (threads, workers) on exit."""
-    threads = torch.get_num_threads()
     stream = endless(build_loader(name, cfg))
-    # FFCV's Loader sets torch's intra-op threads to its worker count; the step must keep ours.
-    torch.set_num_threads(threads)
     try:
         yield stream
     finally:
         stream.close()
         gc.collect()
-        torch.set_num_threads(threads)
 
 
 def _decode(paths: list[str]) -> int:
@@ -226,7 +228,7 @@ def verdicts(sections: dict, ceiling: str | None) -> dict:
     for name, rate in sections["loader"].items():
         loader_ips, step_ips = rate["images_per_s"], step["images_per_s"]
         e2e = sections["end_to_end"].get(name, {}).get("images_per_s")
-        decode = sections["decode"].get("pil", {}).get("images_per_s")
+        decode = None if name in GENERATED else sections["decode"].get("pil", {}).get("images_per_s")
         out[name] = {
             "bound": "loader" if loader_ips < step_ips else "compute",
             "loader_images_per_s": loader_ips, "step_images_per_s": step_ips,
@@ -370,11 +372,13 @@ def chosen_cores(cores: int | None) -> list[int]:
 
 
 def pin_cores(cores: list[int], quick: bool) -> int:
+    """Pin the run to `cores`; returns the thread count for torch and for each loader's workers."""
     os.sched_setaffinity(0, cores)  # inherited by loader workers and DALI threads
     # Two intra-op threads on a busy machine wait on each other at every op (a tiny step gets ~40x
     # slower); a smoke run must not depend on the machine being idle.
-    torch.set_num_threads(1 if quick else len(cores))
-    return len(cores)
+    threads = 1 if quick else len(cores)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def notes(bench: Bench, sections: tuple[str, ...]) -> list[str]:
@@ -397,7 +401,7 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     core_ids = chosen_cores(args.cores)
     cache = args.cache
     corpus = prepare_corpus(args.corpus, cache / ("quick" if args.quick else ""), sizes.images)
-    cores = pin_cores(core_ids, args.quick)
+    cores, workers = len(core_ids), pin_cores(core_ids, args.quick)
     env = environment(device)
     skipped: dict[str, str] = {}
     loaders = []
@@ -409,12 +413,12 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     uses_loaders = {"loader", "end_to_end"} & set(sizes.sections)
     beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders and uses_loaders else None
     paths = [path for path, _ in load_index(corpus).samples]
-    bench = Bench(device, sizes, cores, corpus, paths, beton, args.quick)
+    bench = Bench(device, sizes, cores, workers, corpus, paths, beton, args.quick)
     warm_os_cache(paths + ([beton] if beton else []))
     sections, ceiling = run_sections(bench, loaders, sizes.sections, tuple(args.optimizers), skipped)
     env["load_average_end"] = list(os.getloadavg())
     cfg = bench.train_config
-    real = {n: r["images_per_s"] for n, r in sections["loader"].items() if n != "synthetic"}
+    real = {n: r["images_per_s"] for n, r in sections["loader"].items() if n not in GENERATED}
     baseline = real.get("torchvision")
     result = {
         "schema_version": SCHEMA_VERSION,
@@ -423,7 +427,7 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
             "corpus": str(Path(corpus).resolve()), "corpus_images": len(paths), "beton": beton,
             "res": sizes.res, "batch_size": sizes.batch_size, "arch": sizes.arch, "small_images": cfg.small_images,
             "hidden_dim": sizes.hidden_dim, "precision": bench.precision, "view_dtype": str(bench.dtype),
-            "workers": cores, "repeats": sizes.repeats, "loader_batches": sizes.batches,
+            "workers": workers, "repeats": sizes.repeats, "loader_batches": sizes.batches,
             "loader_warmup": sizes.warmup, "steps": sizes.steps, "step_warmup": sizes.step_warmup,
             "compile_modes": list(sizes.compile_modes), "optimizers": list(args.optimizers), "loaders": loaders,
             "sections": list(sizes.sections), "quick": args.quick, "notes": notes(bench, sizes.sections),
