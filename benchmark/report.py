@@ -80,6 +80,12 @@ def plot(result: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(measured) + 1.6))
     ax.barh(labels, medians, xerr=whiskers, color=[SECTION_COLOURS[s] for s, _, _ in measured], capsize=3)
     ax.set_xscale("log")
+    ax.set_xlim(right=max(rate["max"] for _, _, rate in measured) * 8)  # room for the value labels
+    ceiling = result["sections"]["step"].get(result["ceiling"] or "")
+    if ceiling:
+        ax.axvline(ceiling["images_per_s"], color="tab:red", linestyle="--", linewidth=1,
+                   label=f"step ceiling ({result['ceiling']})")
+        ax.legend(loc="lower right", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("images/s (median of runs; whiskers min-max; an image = two views)")
     env, setup = result["environment"], result["setup"]
