@@ -73,7 +73,7 @@ def tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
 def test_sigterm_finishes_the_step_saves_and_exits(runs):
     assert runs["straight"].returncode == 0, runs["straight"].stderr
     assert runs["code"] == 128 + signal.SIGTERM, runs["stopped_log"]
-    assert "stopped by signal" in runs["stopped_log"]
+    assert "stopped by a signal after step" in runs["stopped_log"]
     steps = [int(name[5:14]) for name in runs["checkpoints_after_kill"]]
     # Saved at the log points 2 and 4, then at the step where the signal was seen (before the end).
     assert steps[1:] == [4, 2] and 4 < steps[0] < STEPS
