@@ -19,7 +19,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -29,7 +28,8 @@ from ffcv.loader import Loader
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import Squeeze, ToTensor
 
-from benchmark.loaders_cpu import RESULTS, _cpu_model, _git_commit, _versions, measure_loader
+from benchmark.loaders_cpu import RESULTS, measure_loader
+from benchmark.timing import cpu_model, git_commit, versions
 from pipelines.base import Batch, LoaderConfig
 from pipelines.ffcv import FfcvTwoViewLoader, ShardedOrder
 from pipelines.gpu_augment import TwoViewAugment
@@ -159,14 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:<28}{'-' if value is None else f'{value:.2f}x'}")
 
     now = dt.datetime.now(dt.UTC)
-    versions = _versions()
-    for package in ("ffcv", "numba"):
-        versions[package] = metadata.version(package)
     report = {
         "date": now.isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "versions": versions,
-        "device": {"kind": "cpu", "model": _cpu_model(), "cores_used": len(cores), "cores_available": os.cpu_count()},
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "device": {"kind": "cpu", "model": cpu_model(), "cores_used": len(cores), "cores_available": os.cpu_count()},
         "setup": {
             "beton": str(Path(args.beton).resolve()),
             "data": args.data,

@@ -15,31 +15,18 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from pipelines.base import Batch, LoaderConfig, TwoViewLoader
+from benchmark import timing
+from benchmark.timing import cpu_model, endless, git_commit, versions
+from pipelines.base import LoaderConfig, TwoViewLoader
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def endless(loader: TwoViewLoader) -> Iterator[Batch]:
-    """Batches across epoch boundaries, calling set_epoch as a trainer would."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def measure_loader(loader: TwoViewLoader, warmup_batches: int, batches: int, repeats: int) -> dict:
@@ -47,53 +34,9 @@ def measure_loader(loader: TwoViewLoader, warmup_batches: int, batches: int, rep
 
     The stream continues across runs (no restart), so every run sees a warm pipeline.
     """
-    stream = endless(loader)
-    for _ in range(warmup_batches):
-        next(stream)
-    rates = []
-    for _ in range(repeats):
-        images = 0
-        start = time.perf_counter()
-        for _ in range(batches):
-            images += next(stream)[2].numel()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        rates.append(images / (time.perf_counter() - start))
-    return {"images_per_s": statistics.median(rates), "runs_images_per_s": rates,
+    rate = timing.measure_loader(endless(loader), warmup_batches, batches, repeats, torch.device("cpu"))
+    return {"images_per_s": rate.median, "runs_images_per_s": list(rate.runs),
             "warmup_batches": warmup_batches, "batches_per_run": batches, "repeats": repeats}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _run(command: list[str]) -> str:
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
-
-
-def _git_commit() -> str:
-    try:
-        commit = _run(["git", "rev-parse", "HEAD"])
-        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.strip() + ("+dirty" if dirty.strip() else "")
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "pillow", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     now = dt.datetime.now(dt.UTC)
     report = {
-        "date": now.isoformat(timespec="seconds"), "git_commit": _git_commit(), "versions": _versions(),
-        "device": {"kind": "cpu", "model": _cpu_model(), "cores_used": len(cores),
+        "date": now.isoformat(timespec="seconds"), "git_commit": git_commit(), "versions": versions(),
+        "device": {"kind": "cpu", "model": cpu_model(), "cores_used": len(cores),
                    "cores_available": os.cpu_count(),
                    # Other processes on the machine skew the figures; the 1-minute load shows how much.
                    "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]},
