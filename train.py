@@ -94,7 +94,7 @@ def make_loader(cfg: TrainConfig, world: World, data: str) -> TwoViewLoader:
         data=data, batch_size=cfg.batch_size // world.size,
         recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale), device=world.device,
         dtype=view_dtype(cfg, world.device), workers=cfg.workers, seed=cfg.seed,
-        rank=world.rank, world_size=world.size,
+        rank=world.rank, world_size=world.size, compile=cfg.compile,
     ))
 
 
@@ -102,6 +102,18 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BYOL:
     encoder, feature_dim = build_backbone(cfg.arch, small_images=bool(cfg.small_images))
     byol = BYOL(encoder, feature_dim, cfg.hidden_dim, cfg.proj_dim, bn_per_view=cfg.bn_per_view)
     return byol.to(device, memory_format=torch.channels_last)
+
+
+def step_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """cfg.precision autocast on CUDA; CPU runs fp32."""
+    return cfg.precision if device.type == "cuda" else "fp32"
+
+
+def build_step(cfg: TrainConfig, byol: BYOL, device: torch.device, online: torch.nn.Module | None = None) -> ByolStep:
+    """The optimizer (lr scaled by the global batch) and the whole BYOL step for `byol`."""
+    optimizer = build_optimizer(cfg.optimizer, byol.online.parameters(), scaled_lr(cfg.base_lr, cfg.batch_size),
+                                cfg.weight_decay, cfg.momentum, cfg.eta, device)
+    return ByolStep(byol, optimizer, device, precision=step_precision(cfg, device), compile=cfg.compile, online=online)
 
 
 def train(cfg: TrainConfig, world: World) -> int:
@@ -115,10 +127,8 @@ def train(cfg: TrainConfig, world: World) -> int:
 
     byol = build_model(cfg, world.device)
     online = wrap_online(byol, world, cfg.sync_bn)
-    optimizer = build_optimizer(cfg.optimizer, byol.online.parameters(), peak_lr, cfg.weight_decay,
-                                cfg.momentum, cfg.eta, world.device)
-    precision = cfg.precision if world.device.type == "cuda" else "fp32"
-    step_fn = ByolStep(byol, optimizer, world.device, precision=precision, compile=cfg.compile, online=online)
+    step_fn = build_step(cfg, byol, world.device, online)
+    optimizer = step_fn.optimizer
 
     ckpts = preflight.checkpoint_dir(cfg)
     step = resume(cfg, world, ckpts, byol, optimizer, step_fn, steps_per_epoch) if cfg.resume else 0

@@ -57,7 +57,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # `python benchmark/throughput.py` puts benchmark/ first on sys.path; the project root is needed.
@@ -79,14 +79,13 @@ from benchmark.timing import (
     warm_os_cache,
 )
 from config import TrainConfig
-from models.optim import build_optimizer
 from models.schedules import scaled_lr
 from models.step import ByolStep
 from pipelines.base import Batch, LoaderConfig, LoaderUnavailable
 from pipelines.imagefolder import load_index
 from pipelines.registry import LOADER_MODULES, build_loader, is_available
 from pipelines.views import BYOL_VIEWS
-from train import build_model, view_dtype
+from train import build_model, build_step, step_precision, view_dtype
 
 SECTIONS = ("decode", "loader", "step", "end_to_end")
 COMPILE_MODES = ("eager", "compiled")
@@ -152,8 +151,7 @@ class Bench:
 
     @property
     def precision(self) -> str:
-        """bf16 autocast on CUDA (the trainer's default); fp32 on CPU, as train.py runs it."""
-        return self.train_config.precision if self.device.type == "cuda" else "fp32"
+        return step_precision(self.train_config, self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -165,11 +163,8 @@ class Bench:
                             dtype=self.dtype, workers=self.workers)
 
     def build_step(self, compile_mode: str, optimizer: str) -> ByolStep:
-        cfg = self.train_config
-        byol = build_model(cfg, self.device)
-        opt = build_optimizer(optimizer, byol.online.parameters(), scaled_lr(cfg.base_lr, cfg.batch_size),
-                              cfg.weight_decay, cfg.momentum, cfg.eta, self.device)
-        return ByolStep(byol, opt, self.device, precision=self.precision, compile=compile_mode == "compiled")
+        cfg = replace(self.train_config, optimizer=optimizer, compile=compile_mode == "compiled")
+        return build_step(cfg, build_model(cfg, self.device), self.device)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.base import keep_torch_threads
 from pipelines.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 
 FASHION_MNIST = "fashion-mnist"
@@ -119,10 +120,10 @@ def write_png_folder(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
 
 def write_beton_file(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
     """An FFCV .beton of raw RGB pixels, written atomically by pipelines.ffcv_convert."""
-    from ffcv.fields import RGBImageField
+    with keep_torch_threads():
+        from ffcv.fields import RGBImageField
 
-    from pipelines.ffcv_convert import GrayImages, new_progress, write_beton
-
+        from pipelines.ffcv_convert import GrayImages, new_progress, write_beton
     with new_progress() as progress:
         write_beton(GrayImages(images, labels), out, RGBImageField(write_mode="raw"), os.cpu_count() or 1, progress)
 

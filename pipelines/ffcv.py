@@ -34,7 +34,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 from torch.utils.data import DistributedSampler
 
-from pipelines.base import Batch, LoaderConfig
+from pipelines.base import Batch, LoaderConfig, keep_torch_threads
 from pipelines.ffcv_decoder import TwoCropDecoder
 from pipelines.gpu_augment import TwoViewAugment
 
@@ -114,7 +114,7 @@ class FfcvTwoViewLoader:
     """TwoViewLoader over an FFCV Loader with the decode-once two-crop decoder."""
 
     def __init__(
-        self, cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3, compile_augment: bool = False
+        self, cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3
     ) -> None:
         reader = read_beton(cfg.data)
         validate(cfg, order, int(reader.num_samples))
@@ -127,22 +127,23 @@ class FfcvTwoViewLoader:
             if order == "quasi_random"
             else ShardedOrder(cfg.rank, cfg.world_size, cfg.seed, shuffle=order == "random")
         )
-        self.loader = Loader(
-            cfg.data,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.workers,
-            os_cache=True,
-            order=traversal,
-            distributed=False,
-            seed=cfg.seed,
-            drop_last=cfg.drop_last,
-            batches_ahead=batches_ahead,
-            pipelines={
-                "image": PipelineSpec("image", decoder=self.decoder, transforms=[ToTensor(), *to_device]),
-                "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device],
-            },
-        )
-        self.augment = TwoViewAugment(cfg.recipe, cfg.dtype, compile=compile_augment).to(device)
+        with keep_torch_threads():
+            self.loader = Loader(
+                cfg.data,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.workers,
+                os_cache=True,
+                order=traversal,
+                distributed=False,
+                seed=cfg.seed,
+                drop_last=cfg.drop_last,
+                batches_ahead=batches_ahead,
+                pipelines={
+                    "image": PipelineSpec("image", decoder=self.decoder, transforms=[ToTensor(), *to_device]),
+                    "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device],
+                },
+            )
+        self.augment = TwoViewAugment(cfg.recipe, cfg.dtype, compile=cfg.compile).to(device)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -153,7 +154,9 @@ class FfcvTwoViewLoader:
     def crops(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of raw (B, 2, res, res, 3) uint8 crops and int labels (before augmentation)."""
         self.decoder.set_epoch(self.loader.next_epoch)
-        yield from self.loader
+        with keep_torch_threads():
+            epoch = iter(self.loader)
+        yield from epoch
 
     def __iter__(self) -> Iterator[Batch]:
         for crops, labels in self.crops():
@@ -161,7 +164,5 @@ class FfcvTwoViewLoader:
             yield view1, view2, labels.long().view(-1)
 
 
-def build_loader(
-    cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3, compile_augment: bool = False
-) -> FfcvTwoViewLoader:
-    return FfcvTwoViewLoader(cfg, order=order, batches_ahead=batches_ahead, compile_augment=compile_augment)
+def build_loader(cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3) -> FfcvTwoViewLoader:
+    return FfcvTwoViewLoader(cfg, order=order, batches_ahead=batches_ahead)

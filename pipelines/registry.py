@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
+from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader, keep_torch_threads
 
 LOADER_MODULES = {
     "dali": "pipelines.dali",
@@ -22,7 +22,8 @@ def _import_loader_module(name: str):
     if name not in LOADER_MODULES:
         raise ValueError(f"unknown loader {name!r}; choose one of {', '.join(LOADER_MODULES)}")
     try:
-        return importlib.import_module(LOADER_MODULES[name])
+        with keep_torch_threads():
+            return importlib.import_module(LOADER_MODULES[name])
     except ImportError as err:
         hint = INSTALL_HINTS.get(name, "pip install -e .")
         raise LoaderUnavailable(f"loader {name!r} is not installed ({err}); install it with: {hint}") from err

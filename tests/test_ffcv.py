@@ -268,6 +268,22 @@ def test_loader_yields_contract_batches(byol_loader: FfcvTwoViewLoader) -> None:
         assert labels.dtype == torch.int64 and labels.shape == (8,)
 
 
+@pytest.mark.slow
+def test_loader_leaves_torch_thread_count_alone(dirty_beton) -> None:
+    """ffcv sets torch's thread count to its worker count when a Loader is built and at each epoch;
+    the training step must keep the threads it had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = LoaderConfig(data=dirty_beton, batch_size=8, workers=1, recipe=replace(BYOL_VIEWS, res=16))
+        loader = build_loader(cfg)
+        assert torch.get_num_threads() == 2
+        for _ in loader:
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -157,3 +157,16 @@ def test_jitter_order_varies_per_sample() -> None:
     # Each of the four ops comes first in a quarter of the samples (4.5-sigma binomial bound).
     for op in range(4):
         assert_rate(first == op, 0.25, label=f"op {op} first")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_module_matches_eager(photo) -> None:
+    crops = _batch(np.stack([photo, photo[::-1]], axis=0), 8)  # (8, 2, RES, RES, 3)
+    outputs = []
+    for compile in (False, True):
+        augment = TwoViewAugment(SMALL, torch.float32, compile=compile)
+        outputs.append(augment(crops, generator=torch.Generator().manual_seed(5)))
+    for eager, compiled in zip(*outputs, strict=True):
+        assert compiled.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
