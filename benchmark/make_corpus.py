@@ -1,9 +1,12 @@
 """Build an ImageNet-like JPEG ImageFolder from real photographs.
 
 Sources are the wallpapers of Debian's mate-backgrounds and ukui-wallpapers packages (installed by
-scripts/setup.sh): random crops of real photos, resized to about 400x350 and re-encoded as baseline
-JPEG at quality 75-95, so the files decode at the speed real ImageNet files do (about 110 KB each).
-Noise or flat colours would decode unrealistically fast.
+scripts/setup.sh): random crops of real photos, resized to about 400x350 (ImageNet's typical size)
+and re-encoded as baseline JPEG at quality 75-95. Noise or flat colours would decode
+unrealistically fast. Caveat: these wallpapers are smoother than ImageNet photos, so the files
+average about 20 KB rather than ImageNet's ~110 KB; pixel count (the main decode cost) matches,
+entropy decoding is lighter, so absolute decode rates are somewhat optimistic while ratios between
+loaders on the same corpus hold.
 
     python -m benchmark.make_corpus --out data/corpus --images 2000 --classes 10 [--with-bad-files]
 """
