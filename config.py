@@ -26,6 +26,8 @@ class TrainConfig:
     data: str = option("fashion-mnist", "ImageFolder root, .beton file (ffcv), or built-in dataset name")
     gpus: int | None = option(None, "GPUs to train on, one process each (default: all visible GPUs, 0 on a "
                               "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead")
+    device: str | None = option(None, "shorthand for the hardware: cpu = --gpus 0, cuda = all visible GPUs",
+                                ("cpu", "cuda"))
     processes: int = option(1, "CPU processes (gloo DDP) when --gpus 0: exercises the distributed path without GPUs")
     arch: str = option("resnet50", "encoder", ("resnet18", "resnet34", "resnet50"))
     small_images: bool | None = option(None, "CIFAR-style stem (default: on when --res <= 64)")
@@ -70,6 +72,9 @@ class TrainConfig:
             "tau_base": 0.996 if long else 0.99 if self.epochs > 40 else 0.97,
             "small_images": self.res <= 64,
         }
+        if self.device is not None and self.gpus is not None and (self.device == "cpu") != (self.gpus == 0):
+            raise ValueError(f"--device {self.device} contradicts --gpus {self.gpus}; give one of them")
+        recipe["gpus"] = 0 if self.device == "cpu" else None
         return replace(self, **{name: value if getattr(self, name) is None else getattr(self, name)
                                 for name, value in recipe.items()})
 

@@ -223,7 +223,7 @@ def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL,
     else:  # a different world size cannot replay the old per-rank streams; stay deterministic anyway
         seed_all(cfg.seed + world.rank + state["step"])
     if world.is_main:
-        ignore = {"resume", "out", "gpus", "processes", "workers", "log_every", "compile"}
+        ignore = {"resume", "out", "gpus", "device", "processes", "workers", "log_every", "compile"}
         changed = sorted(k for k, v in state["config"].items() if k not in ignore and cfg.to_dict().get(k) != v)
         print(f"resumed from {path} at step {state['step']}"
               + (f"; options changed since it was saved: {', '.join(changed)}" if changed else ""))

@@ -33,6 +33,8 @@ def check(cfg: TrainConfig) -> int:
         _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
     if not under_launcher():
+        _require(cfg.device != "cuda" or visible_gpus() > 0,
+                 "--device cuda: no CUDA device is visible on this machine; use --device cpu")
         gpus = visible_gpus() if cfg.gpus is None else cfg.gpus
         _require(gpus >= 0, f"--gpus must be >= 0, got {gpus}")
         _require(gpus <= visible_gpus(), f"--gpus {gpus}: only {visible_gpus()} GPU(s) visible on this machine")

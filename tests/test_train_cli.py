@@ -116,6 +116,27 @@ def test_bad_arguments_give_one_clear_line(capsys, tmp_path, argv, expected):
     assert main_error(capsys, *TINY, "--out", str(tmp_path), *argv).startswith(expected)
 
 
+NO_GPUS_FLAG = TINY[:2] + TINY[4:]  # TINY without "--gpus 0"
+
+
+def test_device_shorthand_for_gpus(capsys, tmp_path):
+    assert parse_config(["--device", "cpu"]).resolved().gpus == 0
+    assert parse_config(["--device", "cuda"]).resolved().gpus is None  # all visible GPUs
+    assert "contradicts --gpus 0" in main_error(capsys, *TINY, "--device", "cuda", "--out", str(tmp_path))
+    if not torch.cuda.is_available():
+        message = main_error(capsys, *NO_GPUS_FLAG, "--device", "cuda", "--out", str(tmp_path))
+        assert message.startswith("--device cuda: no CUDA device is visible")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_device_cpu_runs_the_minimal_command(tmp_path):
+    result = run_train(*NO_GPUS_FLAG, "--device", "cpu", "--res", "16", "--steps", "2", "--log-every", "1",
+                       "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "over 1 process(es) on cpu" in result.stdout
+
+
 def test_missing_loader_names_its_extra(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(runtime.preflight, "is_available", lambda name: False)
     message = main_error(capsys, *TINY, "--loader", "dali", "--data", str(tmp_path))
