@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import Squeeze, ToTensor
 
 from benchmark.loaders_cpu import RESULTS, measure_loader
+from benchmark.report import write_json
 from benchmark.timing import cpu_model, git_commit, versions
 from pipelines.base import Batch, LoaderConfig
 from pipelines.ffcv import FfcvTwoViewLoader, ShardedOrder
@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedups": speedups,
     }
     out = args.out or RESULTS / f"cpu-{now:%Y%m%d}-ffcv.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out)
     print(f"wrote {out}")
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmark import timing
+from benchmark.report import write_json
 from benchmark.timing import cpu_model, endless, git_commit, versions
 from pipelines.base import LoaderConfig, TwoViewLoader
 from pipelines.registry import build_loader
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     out = args.out or RESULTS / f"cpu-{now:%Y%m%d}-loaders.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out)
     print(f"wrote {out}")
     return 0
 
