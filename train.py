@@ -29,7 +29,7 @@ from models.backbones import build_backbone
 from models.byol import BYOL
 from models.optim import build_optimizer
 from models.schedules import lr_at, scaled_lr, tau_at
-from models.step import ByolStep
+from models.step import AUTOCAST_DTYPES, ByolStep
 from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
 from pipelines.builtin import resolve_data
 from pipelines.registry import build_loader
@@ -72,10 +72,8 @@ def seed_all(seed: int) -> None:
 
 
 def view_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """Views arrive in the autocast dtype on CUDA (half the bytes); fp32 on CPU."""
-    if device.type == "cuda":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    return torch.float32
+    """Views arrive in the step's autocast dtype (half the bytes on CUDA); fp32 when it runs in fp32."""
+    return AUTOCAST_DTYPES[step_precision(cfg, device)] or torch.float32
 
 
 def resolve_data_main_first(cfg: TrainConfig, world: World) -> str:
@@ -128,10 +126,9 @@ def train(cfg: TrainConfig, world: World) -> int:
     byol = build_model(cfg, world.device)
     online = wrap_online(byol, world, cfg.sync_bn)
     step_fn = build_step(cfg, byol, world.device, online)
-    optimizer = step_fn.optimizer
 
     ckpts = preflight.checkpoint_dir(cfg)
-    step = resume(cfg, world, ckpts, byol, optimizer, step_fn, steps_per_epoch) if cfg.resume else 0
+    step = resume(cfg, world, ckpts, byol, step_fn, steps_per_epoch) if cfg.resume else 0
     if step == 0:
         seed_all(cfg.seed + world.rank)  # different augmentation draws per rank
 
@@ -141,7 +138,7 @@ def train(cfg: TrainConfig, world: World) -> int:
             raise NonFiniteLoss(f"the weights became non-finite at step {step}: stopped without saving them")
         rng = gather_to_main(world, rng_state())
         if world.is_main:
-            ckpts.save(step, training_state(byol, optimizer, step_fn.scaler, step, steps_per_epoch, rng,
+            ckpts.save(step, training_state(byol, step_fn.optimizer, step_fn.scaler, step, steps_per_epoch, rng,
                                             cfg.to_dict()))
 
     out = Path(cfg.out)
@@ -208,8 +205,8 @@ def train(cfg: TrainConfig, world: World) -> int:
     return 0
 
 
-def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL,
-           optimizer: torch.optim.Optimizer, step_fn: ByolStep, steps_per_epoch: int) -> int:
+def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL, step_fn: ByolStep,
+           steps_per_epoch: int) -> int:
     """Load the newest valid checkpoint into the run; return its step (0 if there is none)."""
     found = ckpts.load_newest_valid(world.device)
     if found is None:
@@ -217,7 +214,7 @@ def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL,
             print(f"--resume: no checkpoint in {ckpts.folder} yet; starting from scratch")
         return 0
     path, state = found
-    restore_training_state(state, byol, optimizer, step_fn.scaler)
+    restore_training_state(state, byol, step_fn.optimizer, step_fn.scaler)
     if len(state["rng"]) == world.size:
         set_rng_state(state["rng"][world.rank])
     else:  # a different world size cannot replay the old per-rank streams; stay deterministic anyway
