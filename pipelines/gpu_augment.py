@@ -19,6 +19,8 @@ Choices (the recipe allows them; see pipelines/views.py):
   batched matmuls with per-sample banded matrices; samples that skip the blur get a delta kernel
   (identity matrix), so one code path serves the whole batch. The horizontal flip is folded into
   the column matrix (exact: a flip commutes with every per-pixel op).
+- Working layout (B, H, 3, W): both blur passes and the colour mix are then plain batched matmuls
+  with no per-channel copies, and the output needs one copy into channels_last.
 """
 
 from __future__ import annotations
@@ -41,13 +43,17 @@ _ORDER = slice(10, 14)  # four keys whose argsort is the jitter order
 _DRAWS = 14
 
 
-def _as_nchw_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) or (B, 3, H, W) -> float32 (B, 3, H, W) in [0, 1]."""
+def _as_row_planes(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or (B, 3, H, W) -> float32 (B, H, 3, W) on the 0-255 scale, contiguous.
+
+    In this layout both blur passes are plain batched matmuls: the row pass multiplies (B, H, H) by
+    the (B, H, 3W) view, the column pass multiplies the (B, 3H, W) view by (B, W, W). Neither
+    broadcasts over channels, so no operand is copied per channel.
+    """
     if x.dim() != 4 or 3 not in (x.shape[1], x.shape[-1]):
         raise ValueError(f"expected uint8 crops (B, H, W, 3) or (B, 3, H, W), got shape {tuple(x.shape)}")
-    if x.shape[-1] == 3 and x.shape[1] != 3:
-        x = x.permute(0, 3, 1, 2)
-    return x.float().div_(255.0)
+    planes = x.permute(0, 1, 3, 2) if x.shape[-1] == 3 and x.shape[1] != 3 else x.permute(0, 2, 1, 3)
+    return planes.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -104,7 +110,11 @@ def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec) -> 
 def gaussian_kernels(sigma: torch.Tensor, size: int, enabled: torch.Tensor) -> torch.Tensor:
     """(B,) sigmas -> (B, size) normalized 1-D Gaussians; a delta kernel where `enabled` is False."""
     x = torch.arange(size, device=sigma.device, dtype=sigma.dtype) - size // 2
-    kernels = torch.exp(-(x**2) / (2 * sigma.unsqueeze(1) ** 2))
+    # Clamping the exponent keeps every tap either 0 or a normal float: with sigma near 0.1 the
+    # outer taps are subnormal, which slows every CPU op downstream of the blur many times over.
+    # exp(-60) ~ 1e-26 of the centre tap is far below float32 resolution.
+    exponent = -(x**2) / (2 * sigma.unsqueeze(1) ** 2)
+    kernels = torch.where(exponent > -60.0, torch.exp(exponent), torch.zeros_like(exponent))
     kernels = kernels / kernels.sum(dim=1, keepdim=True)
     delta = (x == 0).to(sigma.dtype).expand_as(kernels)
     return torch.where(enabled.unsqueeze(1), kernels, delta)
@@ -141,28 +151,39 @@ class TwoViewAugment(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.dtype = dtype
-        self.register_buffer("mean", torch.tensor(recipe.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(recipe.std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("gray", torch.tensor(GRAY_WEIGHTS).view(1, 3, 1, 1), persistent=False)
+        # Buffers shaped for the (B, H, 3, W) working layout (see _as_row_planes).
+        self.register_buffer("mean", torch.tensor(recipe.mean).view(1, 1, 3, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(recipe.std).view(1, 1, 3, 1), persistent=False)
+        self.register_buffer("to_gray", torch.tensor(GRAY_WEIGHTS).expand(3, 3).clone(), persistent=False)
         self._view = torch.compile(self.augment_view, dynamic=False) if compile else self.augment_view
 
     def augment_view(self, crops: torch.Tensor, spec: ViewSpec, u: torch.Tensor) -> torch.Tensor:
-        """One view: uint8 crops + (B, _DRAWS) uniforms on the same device -> normalized view."""
-        x = _as_nchw_float(crops)
-        colour = jitter_matrices(u, x.mean(dim=(2, 3)), spec)
-        x = torch.einsum("bij,bjhw->bihw", colour[:, :, :3], x) + colour[:, :, 3].view(-1, 3, 1, 1)
-        x = x.clamp_(0.0, 1.0)
-        to_gray = (u[:, _GRAY] < spec.grayscale_p).view(-1, 1, 1, 1)
-        x = torch.where(to_gray, (x * self.gray).sum(dim=1, keepdim=True).expand_as(x), x)
+        """One view: uint8 crops + (B, _DRAWS) uniforms on the same device -> normalized view.
+
+        Ops whose probability is 0 in `spec` are skipped (a Python branch on the recipe, never on
+        tensor values, so it stays sync-free and compiles to a static graph).
+        """
+        x = _as_row_planes(crops)  # (B, H, 3, W), 0-255
+        batch, height, _, width = x.shape
+        colour = jitter_matrices(u, x.mean(dim=(1, 3)) / 255.0, spec)
+        # The colour map applies to [0, 1] values; folding the 1/255 into it saves a pass.
+        x = torch.matmul((colour[:, :, :3] / 255.0).unsqueeze(1), x)
+        x = x.add_(colour[:, :, 3].view(-1, 1, 3, 1)).clamp_(0.0, 1.0)
+        if spec.grayscale_p > 0:
+            to_gray = (u[:, _GRAY] < spec.grayscale_p).view(-1, 1, 1)
+            eye = torch.eye(3, device=x.device, dtype=x.dtype)
+            x = torch.matmul(torch.where(to_gray, self.to_gray, eye).unsqueeze(1), x)
         kernels = gaussian_kernels(_uniform(u[:, _SIGMA], *spec.blur_sigma), self.recipe.blur_kernel_size,
                                    u[:, _BLUR] < spec.blur_p)
-        rows = blur_matrices(kernels, x.shape[2]).unsqueeze(1)
-        cols = blur_matrices(kernels, x.shape[3], flip=u[:, _FLIP] < spec.flip_p).unsqueeze(1)
-        x = rows @ x @ cols.transpose(-1, -2)
-        solarize = (u[:, _SOLARIZE] < spec.solarize_p).view(-1, 1, 1, 1)
-        x = torch.where(solarize & (x >= spec.solarize_threshold), 1.0 - x, x)
+        rows = blur_matrices(kernels, height)
+        cols = blur_matrices(kernels, width, flip=u[:, _FLIP] < spec.flip_p)
+        x = torch.bmm(rows, x.view(batch, height, 3 * width))
+        x = torch.bmm(x.view(batch, height * 3, width), cols.transpose(1, 2)).view(batch, height, 3, width)
+        if spec.solarize_p > 0:
+            solarize = (u[:, _SOLARIZE] < spec.solarize_p).view(-1, 1, 1, 1)
+            x = torch.where(solarize & (x >= spec.solarize_threshold), 1.0 - x, x)
         x = (x - self.mean) / self.std
-        return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return x.permute(0, 2, 1, 3).to(self.dtype, memory_format=torch.channels_last)
 
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor | None = None, generator: torch.Generator | None = None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from view_stats import OPS, assert_rate, controlled_image, detect, expected_rate, isolate, to_unit
 
-from pipelines.gpu_augment import GRAY_WEIGHTS, TwoViewAugment, jitter_matrices
+from pipelines.gpu_augment import GRAY_WEIGHTS, TwoViewAugment, gaussian_kernels, jitter_matrices
 from pipelines.views import BYOL_VIEWS, ViewRecipe, ViewSpec
 
 RES = 32
@@ -170,3 +170,14 @@ def test_compiled_module_matches_eager(photo) -> None:
     for eager, compiled in zip(*outputs, strict=True):
         assert compiled.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_blur_kernels_have_no_subnormal_taps() -> None:
+    """Subnormal taps (sigma near 0.1) made every CPU op after the blur several times slower."""
+    sigma = torch.linspace(0.1, 2.0, 2000)
+    kernels = gaussian_kernels(sigma, 23, torch.ones(2000, dtype=torch.bool))
+    nonzero = kernels[kernels != 0]
+    assert nonzero.min() >= torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(kernels.sum(dim=1), torch.ones(2000))
+    # The narrowest kernel keeps its two nearest taps (exp(-50) of the centre), only the far ones are 0.
+    assert (kernels[0] != 0).sum() == 3
