@@ -7,7 +7,12 @@
 Images/s, an image = two views; warm-up excluded, median of repeats (benchmark.loaders_cpu's
 `measure_loader`). Both FFCV variants are timed twice: 'crops' stops at the uint8 crops (the work
 FFCV does on the CPU in training too), 'full' adds the same TwoViewAugment on the CPU (on a GPU that
-part is a few milliseconds per batch). Writes a table and benchmark/results/cpu-<date>-ffcv.json.
+part is a few milliseconds per batch; the augment is compiled as the trainer compiles it unless
+--no-compile). It also times one JPEG decode and one crop-resize per image on one thread with
+FFCV's own C functions: with decode D and crop C, the simple model of decoding once vs twice is
+(2D + 2C) / (D + 2C), which tells how much the decode-once design can gain on a given corpus (the
+loaders' per-batch overheads move the measured ratio around it).
+Writes a table and benchmark/results/cpu-<date>-ffcv.json.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ import argparse
 import datetime as dt
 import gc
 import os
+import statistics
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import Squeeze, ToTensor
@@ -32,7 +42,10 @@ from benchmark.report import write_json
 from benchmark.timing import cpu_model, git_commit, versions
 from pipelines.base import Batch, LoaderConfig
 from pipelines.ffcv import FfcvTwoViewLoader, ShardedOrder
+from pipelines.ffcv_convert import DEFAULT_JPEG_QUALITY
+from pipelines.ffcv_decoder import random_crop
 from pipelines.gpu_augment import TwoViewAugment
+from pipelines.imagefolder import scan_image_folder
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
 
@@ -109,6 +122,29 @@ def build(name: str, args: argparse.Namespace, cfg: LoaderConfig):
     raise ValueError(f"unknown loader {name}")
 
 
+def decode_crop_costs(corpus: str, res: int, images: int = 200) -> dict:
+    """Median single-thread ms of one JPEG decode and one crop-resize (FFCV's imdecode/resize_crop),
+    on the corpus images re-encoded as the converter stores them, and the decode-once model ratio."""
+    recipe = BYOL_VIEWS.with_overrides(res=res)
+    decode_ms, crop_ms = [], []
+    out = np.empty((res, res, 3), np.uint8)
+    for index, (path, _) in enumerate(scan_image_folder(corpus).samples[:images]):
+        image = cv2.imread(path)
+        _, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, DEFAULT_JPEG_QUALITY])
+        height, width = image.shape[:2]
+        pixels = np.empty((height, width, 3), np.uint8)
+        start = time.perf_counter()
+        imdecode(jpeg.reshape(-1), pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+        decode_ms.append((time.perf_counter() - start) * 1e3)
+        top, left, h, w = random_crop(height, width, *recipe.crop_scale, *recipe.log_ratio, 0, 0, index, 0)
+        start = time.perf_counter()
+        resize_crop(pixels, top, top + h, left, left + w, out)
+        crop_ms.append((time.perf_counter() - start) * 1e3)
+    decode, crop = statistics.median(decode_ms), statistics.median(crop_ms)
+    return {"images": len(decode_ms), "decode_ms": decode, "crop_ms": crop,
+            "once_vs_twice_model": (2 * decode + 2 * crop) / (decode + 2 * crop)}
+
+
 LOADERS = ("ffcv-once-crops", "ffcv-stock-crops", "ffcv-once-full", "ffcv-stock-full", "torchvision")
 
 
@@ -123,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the CPU augment, as train.py does by default")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     loaders = [n for n in args.loaders if n != "torchvision" or args.data]
@@ -131,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(len(cores))
     cfg = LoaderConfig(
-        data=args.beton, batch_size=args.batch, recipe=BYOL_VIEWS.with_overrides(res=args.res), workers=len(cores)
+        data=args.beton, batch_size=args.batch, recipe=BYOL_VIEWS.with_overrides(res=args.res), workers=len(cores),
+        compile=args.compile,
     )
+    costs = decode_crop_costs(args.data, args.res) if args.data else None
+    if costs:
+        print(f"per image, one thread: decode {costs['decode_ms']:.3f} ms, crop-resize {costs['crop_ms']:.3f} ms "
+              f"-> decode-once model {costs['once_vs_twice_model']:.2f}x", flush=True)
     results = {}
     for name in loaders:
         loader = build(name, args, cfg)
@@ -170,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             "res": args.res,
             "batch_size": args.batch,
             "recipe": "BYOL_VIEWS (full)",
+            "augment_compiled": args.compile,
             "image": "two views; 'crops' = uint8 crops only, 'full' = + TwoViewAugment on CPU",
         },
         "results": results,
         "speedups": speedups,
+        "per_image_costs": costs,
     }
     out = args.out or RESULTS / f"cpu-{now:%Y%m%d}-ffcv.json"
     write_json(report, out)

@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from PIL import Image
 
-from benchmark.make_corpus import make_corpus
+from benchmark.make_corpus import CORPUS_VERSION, make_corpus
 from benchmark.report import plot, print_report, write_json
 from benchmark.timing import (
     REPO,
@@ -160,7 +160,8 @@ class Bench:
     def loader_config(self, name: str) -> LoaderConfig:
         return LoaderConfig(data=self.beton if name == "ffcv" else self.corpus, batch_size=self.sizes.batch_size,
                             recipe=BYOL_VIEWS.with_overrides(res=self.sizes.res), device=self.device,
-                            dtype=self.dtype, workers=self.workers)
+                            dtype=self.dtype, workers=self.workers,
+                            compile="compiled" in self.sizes.compile_modes)
 
     def build_step(self, compile_mode: str, optimizer: str) -> ByolStep:
         cfg = replace(self.train_config, optimizer=optimizer, compile=compile_mode == "compiled")
@@ -284,7 +285,7 @@ def prepare_corpus(corpus: str | None, cache: Path, images: int) -> str:
             raise ValueError(f"--corpus {corpus} is not a folder; build one with "
                              f"python -m benchmark.make_corpus --out {corpus} --images 2000")
         return corpus
-    path = cache / f"corpus-{images}"
+    path = cache / f"corpus-v{CORPUS_VERSION}-{images}"
     if not path.is_dir():
         print(f"building a {images}-image corpus of real photos in {path}", file=sys.stderr)
         make_corpus(path, images=images, classes=10, seed=0)

@@ -173,3 +173,30 @@ def test_bad_input_gives_one_clear_line(args, message, tmp_path, capsys) -> None
     assert main(["--quick", "--device", "cpu", "--cache", str(tmp_path), "--out", str(tmp_path / "x"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not is_available("ffcv"), reason="ffcv is not installed")
+def test_ffcv_cpu_compares_decode_once_with_stock(photo_corpus: str, tmp_path: Path) -> None:
+    """benchmark/ffcv_cpu.py end to end on a tiny beton: both crop loaders timed, ratios and the
+    decode/crop model follow from the recorded numbers."""
+    from pipelines.ffcv_convert import main as ffcv_convert
+
+    beton = tmp_path / "corpus.beton"
+    assert ffcv_convert(["--src", photo_corpus, "--out", str(beton), "--write-mode", "jpg", "--workers", "2"]) == 0
+    out = tmp_path / "ffcv.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.ffcv_cpu", "--beton", str(beton), "--data", photo_corpus,
+         "--loaders", "ffcv-once-crops", "ffcv-stock-crops", "--res", "32", "--batch", "8", "--warmup", "1",
+         "--batches", "2", "--repeats", "1", "--no-compile", "--out", str(out)],
+        capture_output=True, text=True, timeout=500, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    once, stock = (report["results"][name]["images_per_s"] for name in ("ffcv-once-crops", "ffcv-stock-crops"))
+    assert once > 0 and stock > 0
+    assert report["speedups"]["once_vs_stock_crops"] == pytest.approx(once / stock)
+    costs = report["per_image_costs"]
+    assert costs["images"] == 64 and costs["decode_ms"] > 0 and costs["crop_ms"] > 0
+    decode, crop = costs["decode_ms"], costs["crop_ms"]
+    assert costs["once_vs_twice_model"] == pytest.approx((2 * decode + 2 * crop) / (decode + 2 * crop))
