@@ -47,7 +47,7 @@ class TrainConfig:
     proj_dim: int = option(256, "projection size")
     bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views")
     sync_bn: bool = option(True, "SyncBatchNorm over all GPUs in online and target networks (CUDA only)")
-    precision: str = option("bf16", "autocast precision on CUDA (CPU runs fp32 unless bf16 is asked)",
+    precision: str = option("bf16", "autocast precision (a CPU without native bf16 runs fp32)",
                             ("bf16", "fp16", "fp32"))
     compile: bool = option(True, "torch.compile the step")
     workers: int = option(4, "loader worker threads/processes per process")
