@@ -32,6 +32,8 @@ class TrainConfig:
     arch: str = option("resnet50", "encoder", ("resnet18", "resnet34", "resnet50"))
     small_images: bool | None = option(None, "CIFAR-style stem (default: on when --res <= 64)")
     res: int = option(224, "output resolution of both views")
+    in_memory: bool = option(True, "ffcv: the .beton fits in RAM (random order, OS page cache); --no-in-memory "
+                             "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)")
     min_scale: float | None = option(None, "smallest random-resized-crop area fraction (recipe: 0.08)")
     batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)")
     epochs: int = option(100, "training epochs")

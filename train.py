@@ -92,7 +92,7 @@ def make_loader(cfg: TrainConfig, world: World, data: str) -> TwoViewLoader:
         data=data, batch_size=cfg.batch_size // world.size,
         recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale), device=world.device,
         dtype=view_dtype(cfg, world.device), workers=cfg.workers, seed=cfg.seed,
-        rank=world.rank, world_size=world.size, compile=cfg.compile,
+        rank=world.rank, world_size=world.size, compile=cfg.compile, in_memory=cfg.in_memory,
     ))
 
 

@@ -36,6 +36,9 @@ class LoaderConfig:
     drop_last: bool = True
     # torch.compile the loader's own torch augmentation code (ffcv's on-device TwoViewAugment).
     compile: bool = False
+    # ffcv: the .beton fits in RAM (random order, read through the OS page cache). False: FFCV's
+    # QUASI_RANDOM order without the page cache, for datasets larger than RAM (one process only).
+    in_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -12,7 +12,8 @@ rank=cfg.rank, seed=cfg.seed)` would give it. FFCV's own `distributed=True` buil
 from torch.distributed's process group; taking rank and world size from the config instead gives
 the same partition without needing an initialized group (and works in tests). Orders: 'random'
 (default), 'sequential' (file order, for evaluation and feature extraction) and 'quasi_random'
-(FFCV's QUASI_RANDOM, for datasets larger than RAM; single-process only, as in FFCV).
+(FFCV's QUASI_RANDOM without the OS page cache, for datasets larger than RAM; single-process only,
+as in FFCV; chosen by `LoaderConfig.in_memory=False`, i.e. `train.py --no-in-memory`).
 
 Inputs are validated before FFCV compiles its pipeline: an error inside a compiled op happens in
 FFCV's loader thread and hangs the loop instead of raising.
@@ -114,8 +115,9 @@ class FfcvTwoViewLoader:
     """TwoViewLoader over an FFCV Loader with the decode-once two-crop decoder."""
 
     def __init__(
-        self, cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3
+        self, cfg: LoaderConfig, order: str | None = None, batches_ahead: int = 3
     ) -> None:
+        order = order or ("random" if cfg.in_memory else "quasi_random")
         reader = read_beton(cfg.data)
         validate(cfg, order, int(reader.num_samples))
         device = torch.device(cfg.device)
@@ -132,7 +134,7 @@ class FfcvTwoViewLoader:
                 cfg.data,
                 batch_size=cfg.batch_size,
                 num_workers=cfg.workers,
-                os_cache=True,
+                os_cache=order != "quasi_random",
                 order=traversal,
                 distributed=False,
                 seed=cfg.seed,
@@ -164,5 +166,6 @@ class FfcvTwoViewLoader:
             yield view1, view2, labels.long().view(-1)
 
 
-def build_loader(cfg: LoaderConfig, order: str = "random", batches_ahead: int = 3) -> FfcvTwoViewLoader:
+def build_loader(cfg: LoaderConfig, order: str | None = None, batches_ahead: int = 3) -> FfcvTwoViewLoader:
+    """order: 'random', 'sequential' or 'quasi_random'; None picks by `cfg.in_memory`."""
     return FfcvTwoViewLoader(cfg, order=order, batches_ahead=batches_ahead)

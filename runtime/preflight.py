@@ -44,6 +44,9 @@ def check(cfg: TrainConfig) -> int:
     _require(cfg.batch_size % world_size == 0,
              f"--batch-size {cfg.batch_size} (global) is not divisible by the {world_size} processes")
 
+    _require(cfg.in_memory or world_size == 1,
+             f"--no-in-memory (FFCV's QUASI_RANDOM order) runs in one process, not {world_size}; "
+             "drop it to train on several")
     hint = INSTALL_HINTS.get(cfg.loader, "pip install -e .")
     _require(is_available(cfg.loader), f"--loader {cfg.loader} is not installed; install it with: {hint}")
     builtin = parse_builtin(cfg.data)

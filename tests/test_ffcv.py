@@ -32,9 +32,13 @@ WHOLE = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))  # centre square crop
 FMNIST_LIMIT = 200
 # Mean absolute error (0-255 levels) between a decoded crop and the same crop of the full-resolution
 # source: a JPEG q90 re-encode with 4:2:0 chroma at 160 px plus the writer's DCT-scaled draft decode
-# measure 0.9-5.8 levels per image (2.4 on average) on these photos; a crop 10 px off measures 15+.
-JPEG_MAE_MAX = 8.0
-JPEG_MAE_MEAN = 3.5
+# measure 1.3-11.3 levels per image (3.8 on average) on these photos, and always less than a third of
+# the error against the reference shifted by 3 px (which measures 5-46): the relative test is the
+# one that tells a right crop from a wrong one whatever the image's detail.
+JPEG_MAE_MAX = 16.0
+JPEG_MAE_MEAN = 6.0
+SHIFT_PX = 3
+SHIFT_ERROR_RATIO_MAX = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +213,11 @@ def test_decoded_jpeg_crops_match_sources(dirty_beton, dirty_corpus: str) -> Non
     errors = []
     for (path, _), pair in zip(samples, crops, strict=True):
         reference = _reference_crop(path, 64).astype(np.float64)
-        errors += [(np.abs(crop.astype(np.float64) - reference).mean(), path) for crop in pair]
+        for crop in pair.astype(np.float64):
+            error = np.abs(crop - reference).mean()
+            shifted = np.abs(crop[:, SHIFT_PX:] - reference[:, :-SHIFT_PX]).mean()
+            assert error < SHIFT_ERROR_RATIO_MAX * shifted, f"{path}: {error:.2f} levels, {shifted:.2f} when shifted"
+            errors.append((error, path))
     worst, worst_path = max(errors)
     assert worst < JPEG_MAE_MAX, f"{worst_path}: mean abs error {worst:.2f} levels"
     assert np.mean([e for e, _ in errors]) < JPEG_MAE_MEAN
@@ -305,3 +313,16 @@ def test_loader_rejects_bad_input_before_compiling(dirty_beton, tmp_path, change
 def test_loader_rejects_quasi_random_with_several_ranks(dirty_beton) -> None:
     with pytest.raises(ValueError, match="single-process only"):
         build_loader(LoaderConfig(data=dirty_beton, batch_size=8, world_size=2), order="quasi_random")
+
+
+@pytest.mark.slow
+def test_not_in_memory_reads_every_sample_once_in_quasi_random_order(dirty_beton) -> None:
+    """in_memory=False: FFCV's QUASI_RANDOM order, process cache instead of the OS page cache; an
+    epoch still yields every sample exactly once, in another order than the file's."""
+    loader = build_loader(replace(_config(dirty_beton, 32, 8, drop_last=False), in_memory=False))
+    assert type(loader.loader.traversal_order).__name__ == "QuasiRandom"
+    assert loader.loader._args["os_cache"] is False
+    crops, _ = _epoch_crops(loader)
+    in_file_order, _ = _epoch_crops(build_loader(_config(dirty_beton, 32, 8, drop_last=False), order="sequential"))
+    got, want = [c[0].tobytes() for c in crops], [c[0].tobytes() for c in in_file_order]
+    assert sorted(got) == sorted(want) and got != want

@@ -109,6 +109,7 @@ def main_error(capsys, *argv: str) -> str:
     (("--processes", "3"), "--batch-size 8 (global) is not divisible by the 3 processes"),
     (("--loader", "torchvision", "--data", "/no/such/folder"), "--data /no/such/folder: no such file or folder"),
     (("--steps", "0"), "--steps must be at least 1"),
+    (("--processes", "2", "--no-in-memory"), "--no-in-memory (FFCV's QUASI_RANDOM order) runs in one process"),
 ])
 def test_bad_arguments_give_one_clear_line(capsys, tmp_path, argv, expected):
     if "--gpus" in argv and torch.cuda.is_available():
