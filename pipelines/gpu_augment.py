@@ -110,8 +110,9 @@ def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec) -> 
 def gaussian_kernels(sigma: torch.Tensor, size: int, enabled: torch.Tensor) -> torch.Tensor:
     """(B,) sigmas -> (B, size) normalized 1-D Gaussians; a delta kernel where `enabled` is False."""
     x = torch.arange(size, device=sigma.device, dtype=sigma.dtype) - size // 2
-    # Clamping the exponent keeps every tap either 0 or a normal float: with sigma near 0.1 the
-    # outer taps are subnormal, which slows every CPU op downstream of the blur many times over.
+    # Clamping the exponent keeps every tap either 0 or a normal float: for some small sigmas
+    # (0.14-0.15, 0.21-0.23, ...) outer taps fall in float32's subnormal range, and subnormals
+    # slow every CPU op downstream of the blur several times over.
     # exp(-60) ~ 1e-26 of the centre tap is far below float32 resolution.
     exponent = -(x**2) / (2 * sigma.unsqueeze(1) ** 2)
     kernels = torch.where(exponent > -60.0, torch.exp(exponent), torch.zeros_like(exponent))
