@@ -18,7 +18,6 @@ Writes a table and benchmark/results/cpu-<date>-ffcv.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import os
 import statistics
@@ -29,7 +28,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
@@ -37,9 +35,7 @@ from ffcv.loader import Loader
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import Squeeze, ToTensor
 
-from benchmark.loaders_cpu import RESULTS, measure_loader
-from benchmark.report import write_json
-from benchmark.timing import cpu_model, git_commit, versions
+from benchmark.loaders_cpu import measure_loader, pin_cores, save_cpu_report
 from pipelines.base import Batch, LoaderConfig
 from pipelines.ffcv import FfcvTwoViewLoader, ShardedOrder
 from pipelines.ffcv_convert import DEFAULT_JPEG_QUALITY
@@ -165,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loaders = [n for n in args.loaders if n != "torchvision" or args.data]
 
-    cores = sorted(os.sched_getaffinity(0))[: args.cores]
-    os.sched_setaffinity(0, cores)
-    torch.set_num_threads(len(cores))
+    cores = pin_cores(args.cores)
+    load_before = os.getloadavg()[0]
     cfg = LoaderConfig(
         data=args.beton, batch_size=args.batch, recipe=BYOL_VIEWS.with_overrides(res=args.res), workers=len(cores),
         compile=args.compile,
@@ -201,13 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in speedups.items():
         print(f"{key:<28}{'-' if value is None else f'{value:.2f}x'}")
 
-    now = dt.datetime.now(dt.UTC)
-    report = {
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "versions": versions(),
-        "device": {"kind": "cpu", "model": cpu_model(), "cores_used": len(cores), "cores_available": os.cpu_count()},
-        "setup": {
+    save_cpu_report(
+        "ffcv", cores, load_before,
+        {
             "beton": str(Path(args.beton).resolve()),
             "data": args.data,
             "res": args.res,
@@ -216,13 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             "augment_compiled": args.compile,
             "image": "two views; 'crops' = uint8 crops only, 'full' = + TwoViewAugment on CPU",
         },
-        "results": results,
-        "speedups": speedups,
-        "per_image_costs": costs,
-    }
-    out = args.out or RESULTS / f"cpu-{now:%Y%m%d}-ffcv.json"
-    write_json(report, out)
-    print(f"wrote {out}")
+        {"results": results, "speedups": speedups, "per_image_costs": costs},
+        args.out,
+    )
     return 0
 
 

@@ -39,6 +39,35 @@ def measure_loader(loader: TwoViewLoader, warmup_batches: int, batches: int, rep
             "warmup_batches": warmup_batches, "batches_per_run": batches, "repeats": repeats}
 
 
+def pin_cores(count: int) -> list[int]:
+    """Pin this process to its first `count` cores (inherited by loader threads and DataLoader
+    workers) and give torch as many threads; return the cores."""
+    cores = sorted(os.sched_getaffinity(0))[:count]
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+    return cores
+
+
+def save_cpu_report(kind: str, cores: list[int], load_before: float, setup: dict, figures: dict,
+                    out: Path | None) -> Path:
+    """Write date, commit, versions and the CPU used, then `setup` and `figures`, to `out` (default
+    benchmark/results/cpu-<date>-<kind>.json)."""
+    now = dt.datetime.now(dt.UTC)
+    report = {
+        "date": now.isoformat(timespec="seconds"), "git_commit": git_commit(), "versions": versions(),
+        "device": {"kind": "cpu", "model": cpu_model(), "cores_used": len(cores),
+                   "cores_available": os.cpu_count(),
+                   # Other processes on the machine skew the figures; the 1-minute load shows how much.
+                   "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]},
+        "setup": setup,
+        **figures,
+    }
+    out = out or RESULTS / f"cpu-{now:%Y%m%d}-{kind}.json"
+    write_json(report, out)
+    print(f"wrote {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,11 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON path (default benchmark/results/cpu-<date>-loaders.json)")
     args = parser.parse_args(argv)
 
-    cores = sorted(os.sched_getaffinity(0))[: args.cores]
-    os.sched_setaffinity(0, cores)  # inherited by DataLoader workers and DALI threads
-    torch.set_num_threads(len(cores))
+    cores = pin_cores(args.cores)
     recipe = BYOL_VIEWS.with_overrides(res=args.res)
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
     results = {}
     for name in args.loaders:
         cfg = LoaderConfig(data=args.data, batch_size=args.batch, recipe=recipe, workers=len(cores))
@@ -74,20 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = ", ".join(f"{rate:.0f}" for rate in result["runs_images_per_s"])
         print(f"{name:<14}{result['images_per_s']:>10.1f}{speedup:>15}   {runs}")
 
-    now = dt.datetime.now(dt.UTC)
-    report = {
-        "date": now.isoformat(timespec="seconds"), "git_commit": git_commit(), "versions": versions(),
-        "device": {"kind": "cpu", "model": cpu_model(), "cores_used": len(cores),
-                   "cores_available": os.cpu_count(),
-                   # Other processes on the machine skew the figures; the 1-minute load shows how much.
-                   "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]},
-        "setup": {"data": str(Path(args.data).resolve()), "res": args.res, "batch_size": args.batch,
-                  "recipe": "BYOL_VIEWS (full)", "image": "one decode, two views"},
-        "results": results,
-    }
-    out = args.out or RESULTS / f"cpu-{now:%Y%m%d}-loaders.json"
-    write_json(report, out)
-    print(f"wrote {out}")
+    save_cpu_report("loaders", cores, load_before,
+                    {"data": str(Path(args.data).resolve()), "res": args.res, "batch_size": args.batch,
+                     "recipe": "BYOL_VIEWS (full)", "image": "one decode, two views"},
+                    {"results": results}, args.out)
     return 0
 
 
