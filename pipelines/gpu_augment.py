@@ -156,6 +156,7 @@ class TwoViewAugment(nn.Module):
         self.register_buffer("mean", torch.tensor(recipe.mean).view(1, 1, 3, 1), persistent=False)
         self.register_buffer("std", torch.tensor(recipe.std).view(1, 1, 3, 1), persistent=False)
         self.register_buffer("to_gray", torch.tensor(GRAY_WEIGHTS).expand(3, 3).clone(), persistent=False)
+        self.register_buffer("keep_colour", torch.eye(3), persistent=False)
         self._view = torch.compile(self.augment_view, dynamic=False) if compile else self.augment_view
 
     def augment_view(self, crops: torch.Tensor, spec: ViewSpec, u: torch.Tensor) -> torch.Tensor:
@@ -172,8 +173,7 @@ class TwoViewAugment(nn.Module):
         x = x.add_(colour[:, :, 3].view(-1, 1, 3, 1)).clamp_(0.0, 1.0)
         if spec.grayscale_p > 0:
             to_gray = (u[:, _GRAY] < spec.grayscale_p).view(-1, 1, 1)
-            eye = torch.eye(3, device=x.device, dtype=x.dtype)
-            x = torch.matmul(torch.where(to_gray, self.to_gray, eye).unsqueeze(1), x)
+            x = torch.matmul(torch.where(to_gray, self.to_gray, self.keep_colour).unsqueeze(1), x)
         kernels = gaussian_kernels(_uniform(u[:, _SIGMA], *spec.blur_sigma), self.recipe.blur_kernel_size,
                                    u[:, _BLUR] < spec.blur_p)
         rows = blur_matrices(kernels, height)
