@@ -82,5 +82,12 @@ def byol_loss(prediction: torch.Tensor, target_projection: torch.Tensor) -> torc
 
 @torch.no_grad()
 def ema_update_(target: list[torch.Tensor], online: list[torch.Tensor], tau: torch.Tensor | float) -> None:
-    """xi <- tau * xi + (1 - tau) * theta for all tensors in a few fused kernels, no host sync."""
-    torch._foreach_lerp_(target, online, 1 - tau)
+    """xi <- tau * xi + (1 - tau) * theta for all tensors in a few fused kernels, no host sync.
+
+    Written as xi += (1 - tau) * (theta - xi): `_foreach_lerp_` would take a tensor tau only as a
+    Python scalar, i.e. through `.item()`, a host sync every step in eager mode; `_foreach_mul_` takes
+    a 0-d device tensor as it is.
+    """
+    step = torch._foreach_sub(online, target)
+    torch._foreach_mul_(step, 1 - tau)
+    torch._foreach_add_(target, step)

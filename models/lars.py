@@ -10,7 +10,8 @@ weights) get neither weight decay nor the trust ratio: plain SGD with momentum.
 
 This differs from the LARC / timm / torch-optimizer formula r = eta ||p|| / (||g|| + wd ||p||).
 Every operation is a `torch._foreach_*` call over a whole group, the norms are stacked on the
-device and the zero-norm cases are chosen with `torch.where`, so `step()` launches a few kernels
+device, the zero-norm cases are chosen with `torch.where` and the per-tensor ratios are applied
+by one multiply over the concatenated updates (`scale_each`), so `step()` launches a few kernels
 per group and never waits for the GPU. `lr` may be a tensor (see `set_lr`) so a compiled step
 does not recompile as the schedule moves.
 """
@@ -36,6 +37,30 @@ def split_1d_params(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if vectors:
             result.append({**group, "params": vectors, "weight_decay": 0.0, "lars_adapt": False})
     return result
+
+
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """t's dims from outermost to innermost in memory (channels_last weights are not NCHW in memory)."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
+def scale_each(tensors: list[torch.Tensor], scales: torch.Tensor) -> list[torch.Tensor]:
+    """[t_i * scales[i]] in a handful of kernels, however many tensors, with no host sync.
+
+    `_foreach_mul` with a list of 0-d scale tensors leaves the multi-tensor fast path (it needs
+    equal shapes) and launches one kernel per tensor. Instead all tensors are concatenated in their
+    own memory order, multiplied once by the matching run of scales, and split back into views with
+    the original shapes and strides (so the momentum buffers that follow stay on the fast path).
+    """
+    orders = [_memory_order(t) for t in tensors]
+    flat = torch.cat([t.permute(order).reshape(-1) for t, order in zip(tensors, orders, strict=True)])
+    numels = [t.numel() for t in tensors]
+    flat.mul_(torch.cat([s.expand(n) for s, n in zip(scales.unbind(), numels, strict=True)]))
+    scaled = []
+    for chunk, t, order in zip(flat.split(numels), tensors, orders, strict=True):
+        inverse = sorted(range(t.dim()), key=order.__getitem__)
+        scaled.append(chunk.view([t.shape[d] for d in order]).permute(inverse))
+    return scaled
 
 
 class LARS(Optimizer):
@@ -95,7 +120,7 @@ class LARS(Optimizer):
                 group["eta"] * param_norms / update_norms,
                 torch.ones_like(param_norms),
             )
-            updates = torch._foreach_mul(updates, list(ratios.unbind()))
+            updates = scale_each(updates, ratios)
         if group["momentum"]:
             buffers = self._momentum_buffers(params)
             torch._foreach_mul_(buffers, group["momentum"])

@@ -26,9 +26,9 @@ Choices (the recipe allows them; see pipelines/views.py):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipelines.views import ViewRecipe, ViewSpec
@@ -60,23 +60,38 @@ def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return low + (high - low) * u
 
 
-def _hue_matrix(theta: torch.Tensor) -> torch.Tensor:
+class ColourBasis(NamedTuple):
+    """Constant colour matrices, made once on the host and kept on the device: building them per
+    batch would copy from pageable host memory (and `linalg.inv` checks its result on the host),
+    three host syncs per view on CUDA."""
+
+    gray: torch.Tensor  # (3,) luma weights
+    yiq: torch.Tensor  # (3, 3) RGB -> YIQ
+    yiq_inv: torch.Tensor  # (3, 3) YIQ -> RGB
+
+    @classmethod
+    def build(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ColourBasis:
+        yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
+        return cls(*(t.to(device, dtype) for t in (torch.tensor(GRAY_WEIGHTS, dtype=torch.float64), yiq,
+                                                      torch.linalg.inv(yiq))))
+
+
+def _hue_matrix(theta: torch.Tensor, basis: ColourBasis) -> torch.Tensor:
     """(B,) angles -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane."""
-    yiq = torch.tensor(_RGB_TO_YIQ, dtype=theta.dtype, device=theta.device)
     cos, sin = torch.cos(theta), torch.sin(theta)
     one, zero = torch.ones_like(theta), torch.zeros_like(theta)
     rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(-1, 3, 3)
-    return torch.linalg.inv(yiq) @ rot @ yiq
+    return basis.yiq_inv @ rot @ basis.yiq
 
 
-def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
+def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec, basis: ColourBasis) -> torch.Tensor:
     """Per-sample (B, 3, 4) affine colour maps of the whole jitter chain, in random order per sample.
 
-    u: (B, _DRAWS) uniforms; mean_rgb: (B, 3) mean colour of each input image.
+    u: (B, _DRAWS) uniforms; mean_rgb: (B, 3) mean colour of each input image; `basis` on u's device.
     """
     batch, device, dtype = u.shape[0], u.device, u.dtype
     eye = torch.eye(4, device=device, dtype=dtype).expand(batch, 4, 4)
-    gray = torch.tensor(GRAY_WEIGHTS, device=device, dtype=dtype)
+    gray = basis.gray
     gray_rows = gray.expand(3, 3)  # every output channel = luma
     bright = _uniform(u[:, _BRIGHT], max(0.0, 1 - spec.brightness), 1 + spec.brightness)
     contrast = _uniform(u[:, _CONTRAST], max(0.0, 1 - spec.contrast), 1 + spec.contrast)
@@ -91,8 +106,9 @@ def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec) -> 
     eye3 = torch.eye(3, device=device, dtype=dtype)
     bright_m = linear(bright.view(-1, 1, 1) * eye3)
     sat_m = linear(sat.view(-1, 1, 1) * eye3 + (1 - sat).view(-1, 1, 1) * gray_rows)
-    hue_m = linear(_hue_matrix(hue))
+    hue_m = linear(_hue_matrix(hue, basis))
     order = u[:, _ORDER].argsort(dim=1)  # (B, 4): op index (bright, contrast, sat, hue) at each step
+    op_ids = torch.arange(4, device=device)
     total = eye
     mean_h = torch.cat([mean_rgb, torch.ones_like(mean_rgb[:, :1])], dim=1).unsqueeze(-1)  # (B, 4, 1)
     for step in range(4):
@@ -101,7 +117,8 @@ def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec) -> 
         contrast_m = linear(contrast.view(-1, 1, 1) * eye3)
         contrast_m[:, :3, 3] = ((1 - contrast) * current_gray).unsqueeze(-1)
         ops = torch.stack([bright_m, contrast_m, sat_m, hue_m], dim=1)  # (B, 4, 4, 4)
-        pick = F.one_hot(order[:, step], 4).to(dtype).view(batch, 4, 1, 1)
+        # A comparison, not F.one_hot: one_hot checks its input's range on the host (two syncs).
+        pick = (order[:, step].unsqueeze(1) == op_ids).to(dtype).view(batch, 4, 1, 1)
         total = (ops * pick).sum(dim=1) @ total
     applied = (u[:, _JITTER] < spec.jitter_p).view(-1, 1, 1)
     return torch.where(applied, total, eye)[:, :3, :]
@@ -155,7 +172,11 @@ class TwoViewAugment(nn.Module):
         # Buffers shaped for the (B, H, 3, W) working layout (see _as_row_planes).
         self.register_buffer("mean", torch.tensor(recipe.mean).view(1, 1, 3, 1), persistent=False)
         self.register_buffer("std", torch.tensor(recipe.std).view(1, 1, 3, 1), persistent=False)
-        self.register_buffer("to_gray", torch.tensor(GRAY_WEIGHTS).expand(3, 3).clone(), persistent=False)
+        basis = ColourBasis.build()
+        self.register_buffer("gray", basis.gray, persistent=False)
+        self.register_buffer("yiq", basis.yiq, persistent=False)
+        self.register_buffer("yiq_inv", basis.yiq_inv, persistent=False)
+        self.register_buffer("to_gray", basis.gray.expand(3, 3).clone(), persistent=False)
         self.register_buffer("keep_colour", torch.eye(3), persistent=False)
         self._view = torch.compile(self.augment_view, dynamic=False) if compile else self.augment_view
 
@@ -167,7 +188,8 @@ class TwoViewAugment(nn.Module):
         """
         x = _as_row_planes(crops)  # (B, H, 3, W), 0-255
         batch, height, _, width = x.shape
-        colour = jitter_matrices(u, x.mean(dim=(1, 3)) / 255.0, spec)
+        basis = ColourBasis(self.gray, self.yiq, self.yiq_inv)
+        colour = jitter_matrices(u, x.mean(dim=(1, 3)) / 255.0, spec, basis)
         # The colour map applies to [0, 1] values; folding the 1/255 into it saves a pass.
         x = torch.matmul((colour[:, :, :3] / 255.0).unsqueeze(1), x)
         x = x.add_(colour[:, :, 3].view(-1, 1, 3, 1)).clamp_(0.0, 1.0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from view_stats import OPS, assert_rate, controlled_image, detect, expected_rate, isolate, to_unit
 
-from pipelines.gpu_augment import GRAY_WEIGHTS, TwoViewAugment, gaussian_kernels, jitter_matrices
+from pipelines.gpu_augment import GRAY_WEIGHTS, ColourBasis, TwoViewAugment, gaussian_kernels, jitter_matrices
 from pipelines.views import BYOL_VIEWS, ViewRecipe, ViewSpec
 
 RES = 32
@@ -141,7 +141,7 @@ def test_fused_jitter_matrix_equals_sequential_ops_in_drawn_order(photo: np.ndar
     generator = torch.Generator().manual_seed(4)
     u = torch.rand(16, 14, generator=generator, dtype=torch.float64)
     u[:, 1] = 0.0  # jitter always applied
-    matrices = jitter_matrices(u, x.mean(dim=(1, 2)).expand(16, 3), spec)
+    matrices = jitter_matrices(u, x.mean(dim=(1, 2)).expand(16, 3), spec, ColourBasis.build(dtype=torch.float64))
     for k in range(16):
         b, c, s = (1 + (2 * u[k, col].item() - 1) * m for col, m in ((2, 0.4), (3, 0.4), (4, 0.2)))
         h = (2 * u[k, 5].item() - 1) * 0.1

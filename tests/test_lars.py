@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch_optimizer
 
-from models.lars import LARS, set_lr, split_1d_params
+from models.lars import LARS, scale_each, set_lr, split_1d_params
 
 
 def reference_lars_step(params, grads, buffers, lr, momentum, weight_decay, eta, adapt):
@@ -116,6 +116,22 @@ def test_set_lr_fills_tensor_in_place():
     opt = LARS([torch.zeros(2, 2, requires_grad=True)], lr=lr)
     set_lr(opt, 0.25)
     assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.25
+
+
+def test_scale_each_equals_per_tensor_multiply_and_keeps_layouts():
+    gen = torch.Generator().manual_seed(7)
+    tensors = [
+        torch.randn(6, 4, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last),
+        torch.randn(5, 7, generator=gen),
+        torch.randn(7, 5, generator=gen).t(),  # transposed: memory order differs from dim order
+        torch.randn(3, generator=gen),
+        torch.randn(2, 1, 1, 4, generator=gen).contiguous(memory_format=torch.channels_last),
+    ]
+    scales = torch.randn(len(tensors), generator=gen)
+    scaled = scale_each(tensors, scales)
+    for t, s, got in zip(tensors, scales, scaled, strict=True):
+        torch.testing.assert_close(got, t * s.item(), rtol=0, atol=0)
+        assert got.stride() == t.stride()
 
 
 def test_rejects_bad_hyperparameters():
