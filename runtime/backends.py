@@ -1,0 +1,26 @@
+"""Process-wide numeric and kernel-selection settings for the training step, set once per process
+before its first CUDA kernel."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# cuBLAS is deterministic only with a fixed workspace; without it, deterministic mode raises at the
+# first matmul on CUDA. Read when the first cuBLAS handle is created, so it must be set before that.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def configure_backends(deterministic: bool) -> None:
+    """Fastest kernels by default (cuDNN autotuning, TF32 for the few fp32 matmuls and convolutions
+    left outside bf16 autocast); with `deterministic`, bitwise-reproducible ones instead."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+    # Autotuning picks kernels by timing them, which may differ between runs.
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    # CUDA only: the CPU (mkldnn) fp32 precision is left alone.
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"

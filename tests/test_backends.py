@@ -1,0 +1,51 @@
+"""Process-wide kernel settings: fast by default, reproducible (and CUDA-safe) with --deterministic."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from runtime.backends import CUBLAS_DETERMINISTIC_WORKSPACE, configure_backends
+
+
+@pytest.fixture
+def restore_backends(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.fp32_precision,
+             torch.backends.cudnn.conv.fp32_precision)
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved[3], saved[4]
+
+
+def test_deterministic_sets_the_cublas_workspace_before_cuda_starts(restore_backends):
+    configure_backends(deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_DETERMINISTIC_WORKSPACE
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+
+
+def test_default_picks_the_fast_kernels(restore_backends):
+    configure_backends(deterministic=False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.benchmark
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # CPU numerics untouched
+
+
+def test_user_workspace_setting_is_kept(restore_backends, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    configure_backends(deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+@pytest.mark.gpu
+def test_deterministic_matmul_runs_on_cuda(restore_backends):
+    configure_backends(deterministic=True)
+    a = torch.randn(64, 64, device="cuda")
+    torch.testing.assert_close(a @ a, a @ a, rtol=0, atol=0)
