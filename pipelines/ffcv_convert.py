@@ -1,6 +1,6 @@
 """Convert an ImageFolder tree or the built-in Fashion-MNIST to an FFCV .beton file (image + label).
 
-    python -m pipelines.ffcv_convert --src data/imagenet/train --out train.beton --max-res 512
+    python -m pipelines.ffcv_convert --src data/imagenet/train --out train.beton
     python -m pipelines.ffcv_convert --src fashion-mnist --split train --out fmnist.beton
 
 Write modes (ffcv's RGBImageField): 'jpg' stores JPEG (re-encoded at --jpeg-quality), 'raw' stores
@@ -50,6 +50,7 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 # size above which JPEG pays off on ImageNet-like images.
 DEFAULT_SMART_THRESHOLD = 256 * 256 * 3
 DEFAULT_JPEG_QUALITY = 90
+DEFAULT_MAX_RES = 512
 
 
 class ConversionError(RuntimeError):
@@ -234,7 +235,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"--out folder {out.parent} is not writable")
     checks = [
-        (args.max_res is None or args.max_res >= 8, f"--max-res must be at least 8, got {args.max_res}"),
+        (args.max_res == 0 or args.max_res >= 8, f"--max-res must be at least 8 (0: no limit), got {args.max_res}"),
         (
             args.jpeg_quality is None or 1 <= args.jpeg_quality <= 100,
             f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}",
@@ -258,7 +259,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--src", required=True, help=f"ImageFolder root (root/<class>/<image>) or '{FASHION_MNIST}'")
     parser.add_argument("--split", choices=("train", "test"), help=f"split of --src {FASHION_MNIST} (default train)")
     parser.add_argument("--out", required=True, help="output .beton path (written atomically)")
-    parser.add_argument("--max-res", type=int, default=None, help="resize so the longest side is at most this")
+    parser.add_argument(
+        "--max-res", type=int, default=DEFAULT_MAX_RES,
+        help=f"resize so the longest side is at most this (default {DEFAULT_MAX_RES}, as the FFCV ImageNet example: "
+        "the loader's per-image decode buffers, pinned on CUDA machines, scale with it); 0 keeps full resolution",
+    )
     parser.add_argument(
         "--write-mode",
         choices=WRITE_MODES,
@@ -291,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True)
     try:
         validate_args(args)
-        source = load_source(args.src, args.split or "train", args.max_res, args.limit)
+        max_res = args.max_res or None  # 0: no limit
+        source = load_source(args.src, args.split or "train", max_res, args.limit)
     except (ValueError, FileNotFoundError) as error:
         print(f"ffcv_convert: {error}", file=sys.stderr)
         return 2
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[yellow]skipped unreadable file[/] {path}: {reason}")
     field = RGBImageField(
         write_mode=mode,
-        max_resolution=args.max_res,
+        max_resolution=max_res,
         smart_threshold=args.smart_threshold,
         jpeg_quality=args.jpeg_quality or DEFAULT_JPEG_QUALITY,
         compress_probability=args.compress_prob,

@@ -91,6 +91,16 @@ def random_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def scratch_pixels(heights: np.ndarray, widths: np.ndarray) -> np.uint64:
+    """Pixels of the largest single image: the decode buffer each sample of a batch needs.
+
+    Not max(height) x max(width): in a dataset with one tall and one wide image that is far larger
+    than any image, and FFCV pins every scratch buffer on CUDA machines (per rank, per batch slot).
+    uint64 avoids overflow for large images.
+    """
+    return np.uint64((heights.astype(np.uint64) * widths.astype(np.uint64)).max())
+
+
 class TwoCropDecoder(Operation):
     """Decode an RGBImageField once; emit two random-resized crops per sample, (2, res, res, 3) uint8."""
 
@@ -106,8 +116,7 @@ class TwoCropDecoder(Operation):
         self._epoch[0] = epoch
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
-        # uint64 avoids overflow of height * width * 3 for large images.
-        max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
+        max_pixels = scratch_pixels(self.metadata["height"], self.metadata["width"])
         shape = (2, self.res, self.res, 3)
         dtype = np.dtype("<u1")
         return (

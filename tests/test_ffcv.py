@@ -21,7 +21,7 @@ from pipelines.base import LoaderConfig
 from pipelines.fashion_mnist import load_fashion_mnist
 from pipelines.ffcv import FfcvTwoViewLoader, build_loader
 from pipelines.ffcv_convert import ConversionError, FolderImages, main, new_progress, write_beton
-from pipelines.ffcv_decoder import random_crop
+from pipelines.ffcv_decoder import TwoCropDecoder, random_crop
 from pipelines.imagefolder import scan_image_folder
 from pipelines.views import BYOL_VIEWS
 
@@ -112,6 +112,35 @@ def test_converter_rejects_bad_input_with_one_line(args, message, photo_corpus, 
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "x.beton").exists()
+
+
+def test_decoder_scratch_fits_the_largest_single_image() -> None:
+    """One tall and one wide image: the decode buffer must hold the larger of the two (1000 x 12 px),
+    not max height x max width (1000 x 1000), since FFCV pins it per batch slot on CUDA machines."""
+    from ffcv.pipeline.state import State
+
+    decoder = TwoCropDecoder(BYOL_VIEWS.with_overrides(res=32))
+    decoder.metadata = np.array([(1000, 10), (12, 1000)], dtype=[("height", "<u4"), ("width", "<u4")])
+    state, (crops, scratch) = decoder.declare_state_and_memory(
+        State(jit_mode=False, device=torch.device("cpu"), shape=(), dtype=np.dtype("u1")))
+    assert crops.shape == (2, 32, 32, 3) and state.shape == (2, 32, 32, 3)
+    assert scratch.shape == (12 * 1000 * 3,)
+
+
+def test_converter_limits_resolution_to_512_by_default(photo_corpus: str, tmp_path) -> None:
+    from ffcv.reader import Reader
+
+    source = sorted(Path(photo_corpus).glob("*/*"))[0]
+    big = tmp_path / "src" / "class_a"
+    big.mkdir(parents=True)
+    Image.open(source).convert("RGB").resize((900, 700)).save(big / "big.JPEG", quality=90)
+    out = tmp_path / "big.beton"
+    assert main(["--src", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]) == 0
+    image = Reader(str(out)).metadata["f0"][0]  # fields by position: image, label
+    assert max(image["width"], image["height"]) == 512
+    assert main(["--src", str(tmp_path / "src"), "--out", str(out), "--workers", "1", "--max-res", "0"]) == 0
+    image = Reader(str(out)).metadata["f0"][0]
+    assert (image["width"], image["height"]) == (900, 700)
 
 
 class _FailsAt:
