@@ -55,8 +55,33 @@ def image_ids(view: torch.Tensor, recipe: ViewRecipe) -> list[int]:
     return [round((g - 20) / 9) for g in grey.tolist()]
 
 
+class OnDevice:
+    """A loader seen through the contract's CPU-side checks: every batch must arrive on `device` in
+    the contract's layout; the checks then get host copies (with the same strides)."""
+
+    def __init__(self, loader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for view1, view2, labels in self.loader:
+            for tensor in (view1, view2, labels):
+                assert tensor.device.type == self.device.type, f"batch on {tensor.device}, not {self.device}"
+            yield view1.cpu(), view2.cpu(), labels.cpu()
+
+
 class LoaderContract:
     module: str  # set by the subclass
+    device = "cpu"  # "cuda": the same checks on batches made on the GPU
+
+    def prepare(self, folder: str) -> str:
+        """The loader's `data` for an ImageFolder tree (a loader reading another format converts it)."""
+        return folder
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -89,9 +114,12 @@ class LoaderContract:
             (root / "class_0" / f"img_{i:02d}.JPEG").write_bytes(source)
         return str(root)
 
-    def build(self, data: str, **overrides):
-        cfg = LoaderConfig(**{"data": data, "batch_size": 8, "workers": 2, **overrides})
-        return importlib.import_module(self.module).build_loader(cfg)
+    def build(self, folder: str, **overrides):
+        device = torch.device(self.device)
+        cfg = LoaderConfig(**{"data": self.prepare(folder), "batch_size": 8, "workers": 2, "device": device,
+                              **overrides})
+        loader = importlib.import_module(self.module).build_loader(cfg)
+        return loader if device.type == "cpu" else OnDevice(loader, device)
 
     @pytest.mark.timeout(120)
     def test_batch_shapes_dtype_layout_and_range(self, photo_corpus):
