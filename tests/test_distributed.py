@@ -47,13 +47,14 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def trajectory(world: World) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train the BN-free BYOL on this rank's slice of each global batch, as train.py wires it."""
-    byol = bn_free_byol()
+    byol = bn_free_byol().to(world.device)
     online = wrap_online(byol, world, sync_bn=True)
     optimizer = build_optimizer("lars", byol.online.parameters(), lr=0.5, weight_decay=1e-4)
     step = ByolStep(byol, optimizer, world.device, precision="fp32", compile=False, online=online)
     share = GLOBAL_BATCH // world.size
     rows = slice(world.rank * share, (world.rank + 1) * share)
-    losses = [agree(world, step(v1[rows], v2[rows], lr=0.5, tau=0.9), [])[0] for v1, v2 in global_batches()]
+    losses = [agree(world, step(v1[rows].to(world.device), v2[rows].to(world.device), lr=0.5, tau=0.9), [])[0]
+              for v1, v2 in global_batches()]
     return losses, {k: v.clone() for k, v in byol.state_dict().items()}
 
 
