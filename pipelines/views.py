@@ -72,9 +72,16 @@ class ViewRecipe:
     def std_255(self) -> tuple[float, ...]:
         return tuple(s * 255.0 for s in self.std)
 
-    def with_overrides(self, res: int | None = None, min_scale: float | None = None) -> ViewRecipe:
-        """Return a copy with CLI overrides applied (None keeps the recipe value)."""
-        recipe = self
+    def without_blur(self) -> ViewRecipe:
+        """The small-image form (solo-learn's CIFAR BYOL recipe): no Gaussian blur in either view. At
+        16-32 px the recipe's sigma of up to 2 px erases the image (the official kernel rule,
+        2 * int(res / 20) + 1 taps, already blurs nothing below 20 px)."""
+        return replace(self, view1=replace(self.view1, blur_p=0.0), view2=replace(self.view2, blur_p=0.0))
+
+    def with_overrides(self, res: int | None = None, min_scale: float | None = None,
+                       blur: bool = True) -> ViewRecipe:
+        """Return a copy with CLI overrides applied (None keeps the recipe value; blur=False: `without_blur`)."""
+        recipe = self if blur else self.without_blur()
         if res is not None:
             if res < 8:
                 raise ValueError(f"--res must be at least 8 pixels, got {res}")
