@@ -10,6 +10,16 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     return base_lr * global_batch_size / 256
 
 
+# The official runs warm up 10 of 300-1000 epochs; a run shorter than 100 epochs would otherwise spend
+# more than a tenth of itself (a run of <= 10 epochs: all of itself) warming up and never anneal.
+MAX_WARMUP_FRACTION = 0.1
+
+
+def warmup_steps(total_steps: int, steps_per_epoch: int, warmup_epochs: float) -> int:
+    """`warmup_epochs` of steps, at most MAX_WARMUP_FRACTION of the run."""
+    return min(round(warmup_epochs * steps_per_epoch), round(MAX_WARMUP_FRACTION * total_steps))
+
+
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> float:
     """Linear warmup from 0 to peak over warmup_steps, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:

@@ -12,7 +12,7 @@ import torchvision
 from models.backbones import build_backbone
 from models.byol import BYOL, byol_loss, ema_update_
 from models.optim import build_optimizer
-from models.schedules import lr_at, scaled_lr, tau_at
+from models.schedules import lr_at, scaled_lr, tau_at, warmup_steps
 
 
 def tiny_encoder() -> tuple[nn.Module, int]:
@@ -151,3 +151,15 @@ def test_default_width_is_torchvisions_network():
     assert ours.state_dict().keys() == reference.state_dict().keys()
     for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # same initialisation, draw for draw
+
+
+def test_short_run_warms_up_a_tenth_then_anneals_to_zero():
+    # 5 epochs of 100 steps with the recipe's 10 warmup epochs: the warmup is capped at 50 steps.
+    total = 500
+    warmup = warmup_steps(total, steps_per_epoch=100, warmup_epochs=10)
+    assert warmup == 50
+    lrs = [lr_at(step, total, 1.0, warmup) for step in range(total + 1)]
+    assert lrs[warmup] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
+    assert lrs[total - 1] < 1e-4 and lrs[total] == pytest.approx(0.0, abs=1e-12)
+    # A long run keeps the recipe's epochs: 10 of 300.
+    assert warmup_steps(300 * 100, steps_per_epoch=100, warmup_epochs=10) == 1000
