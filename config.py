@@ -48,7 +48,7 @@ class TrainConfig:
     hidden_dim: int = option(4096, "projector/predictor hidden width")
     proj_dim: int = option(256, "projection size")
     bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views")
-    sync_bn: bool = option(True, "SyncBatchNorm over all GPUs in online and target networks (CUDA only)")
+    sync_bn: bool = option(True, "cross-replica BatchNorm over all processes in online and target networks")
     precision: str = option("bf16", "autocast precision (a CPU without native bf16 runs fp32)",
                             ("bf16", "fp16", "fp32"))
     compile: bool = option(True, "torch.compile the step")

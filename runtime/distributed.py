@@ -5,10 +5,11 @@
 either way every process calls `fn(cfg)` with the same environment variables set, so the
 training code has a single distributed path.
 
-Only the online network is wrapped in DDP. SyncBN (on CUDA) converts the BN layers of BOTH the
-online and the target network: the official code runs one cross-replica BN network function for
-both, so the target's training-mode BN normalises with global-batch statistics too.
-torch's SyncBatchNorm runs only on GPUs; CPU (gloo) runs keep per-process BN statistics.
+Only the online network is wrapped in DDP. SyncBN converts the BN layers of BOTH the online and
+the target network: the official code runs one cross-replica BN network function for both, so the
+target's training-mode BN normalises with global-batch statistics too. It is
+`models.sync_bn.CrossReplicaBatchNorm` (one functional all-reduce per call, no host sync, no graph
+break of its own under torch.compile), so it works with NCCL and gloo alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+
+from models.sync_bn import convert_cross_replica_bn
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 RENDEZVOUS_FILE = "FASTBYOL_RENDEZVOUS_FILE"
@@ -121,20 +124,19 @@ def close_world(world: World) -> None:
 
 
 def wrap_online(byol: nn.Module, world: World, sync_bn: bool) -> nn.Module:
-    """SyncBN (CUDA) on online and target, DDP on the online network; returns the module to run."""
+    """Cross-replica BN on online and target, DDP on the online network; returns the module to run."""
     if world.size == 1:
         return byol.online
-    synced = sync_bn and world.device.type == "cuda"
-    if synced:
-        byol.online = nn.SyncBatchNorm.convert_sync_batchnorm(byol.online)
-        byol.target = nn.SyncBatchNorm.convert_sync_batchnorm(byol.target)
+    if sync_bn:
+        byol.online = convert_cross_replica_bn(byol.online)
+        byol.target = convert_cross_replica_bn(byol.target)
     # Same seed on every rank makes the nets equal already; broadcasting makes it a guarantee.
     for tensor in byol.target.state_dict().values():
         dist.broadcast(tensor, src=0)
     return DistributedDataParallel(
         byol.online, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-        # With SyncBN the BN buffers agree on every rank; without it rank 0's are broadcast.
-        broadcast_buffers=not synced,
+        # Cross-replica BN keeps the BN buffers equal on every rank; without it rank 0's are broadcast.
+        broadcast_buffers=not sync_bn,
     )
 
 
