@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from config import ConfigError, TrainConfig, parse_config
-from evaluation import eval_splits, evaluate_encoder, knn_monitor
+from evaluation import Ranks, eval_splits, evaluate_encoder, knn_monitor
 from models.backbones import build_backbone
 from models.byol import BYOL
 from models.optim import build_optimizer
@@ -35,6 +35,7 @@ from pipelines.builtin import resolve_data
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
 from runtime import preflight
+from runtime.backends import configure_backends
 from runtime.checkpoint import (
     CheckpointDir,
     CorruptCheckpoint,
@@ -123,7 +124,7 @@ def build_step(cfg: TrainConfig, byol: BYOL, device: torch.device, online: torch
 
 def train(cfg: TrainConfig, world: World) -> int:
     seed_all(cfg.seed)  # the same initial weights on every rank
-    torch.use_deterministic_algorithms(cfg.deterministic)
+    configure_backends(cfg.deterministic)
     loader = make_loader(cfg, world, resolve_data_main_first(cfg, world))
     steps_per_epoch = len(loader)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -149,9 +150,10 @@ def train(cfg: TrainConfig, world: World) -> int:
                                             cfg.to_dict()))
 
     out = Path(cfg.out)
-    # Labelled splits for the kNN monitor / final probe, on rank 0 only (the others wait at the next sync).
-    eval_sets = (eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit)
-                 if cfg.eval_every and world.is_main else None)
+    # Labelled splits for the kNN monitor / final probe on every rank: each extracts its shard's features.
+    eval_sets = (eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit, cfg.workers)
+                 if cfg.eval_every else None)
+    eval_ranks = Ranks(world.rank, world.size)
     log = MetricsLog(out, resume_step=step) if world.is_main else None
     display = Display(total_steps, step, enabled=world.is_main)
     display.message(f"training {cfg.arch} on {cfg.loader}:{cfg.data} at {cfg.res}px, global batch {cfg.batch_size} "
@@ -181,7 +183,8 @@ def train(cfg: TrainConfig, world: World) -> int:
                           "images_per_s": images_per_s, "loader_wait": wait,
                           "elapsed_s": time.monotonic() - started}
                 if eval_sets and epoch_done and (epoch + 1) % cfg.eval_every == 0:
-                    record["knn_top1"] = knn_monitor(byol.online.encoder, *eval_sets, world.device, res=cfg.res)
+                    record["knn_top1"] = knn_monitor(byol.online.encoder, *eval_sets, world.device, res=cfg.res,
+                                                     ranks=eval_ranks)
                 if log is not None:
                     log.write(record)
                 display.update(record)
@@ -200,8 +203,10 @@ def train(cfg: TrainConfig, world: World) -> int:
         display.close()
         if log is not None:
             log.close()
-    if eval_sets:
-        scores = evaluate_encoder(byol.online.encoder, *eval_sets, world.device, res=cfg.res)
+    # The run's last collective: rank 0 gets the scores, the others go on to leave the group.
+    scores = evaluate_encoder(byol.online.encoder, *eval_sets, world.device, res=cfg.res,
+                              ranks=eval_ranks) if eval_sets else None
+    if scores is not None:
         (out / "eval.json").write_text(json.dumps(scores, indent=1))
         display.message("final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     if world.is_main:
@@ -215,7 +220,9 @@ def train(cfg: TrainConfig, world: World) -> int:
 def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL, step_fn: ByolStep,
            steps_per_epoch: int) -> int:
     """Load the newest valid checkpoint into the run; return its step (0 if there is none)."""
-    found = ckpts.load_newest_valid(world.device)
+    # Loaded to host memory: load_state_dict copies onto the model's device, and the RNG states
+    # must be CPU tensors anyway.
+    found = ckpts.load_newest_valid("cpu")
     if found is None:
         if world.is_main:
             print(f"--resume: no checkpoint in {ckpts.folder} yet; starting from scratch")

@@ -2,12 +2,15 @@
 
 What train.py calls:
 
-    from evaluation import eval_splits, knn_monitor, evaluate_encoder
-    train_set, test_set = eval_splits(cfg.data)                  # once, before training
-    acc = knn_monitor(byol.online.encoder, train_set, test_set, device, res=cfg.res)   # every --eval-every epochs
-    scores = evaluate_encoder(byol.online.encoder, train_set, test_set, device, res=cfg.res)  # at the end
+    from evaluation import Ranks, eval_splits, knn_monitor, evaluate_encoder
+    train_set, test_set = eval_splits(cfg.data)                  # once, before training, on every rank
+    ranks = Ranks(rank, world_size)                              # Ranks() (the default): one process
+    acc = knn_monitor(byol.online.encoder, train_set, test_set, device, res=cfg.res, ranks=ranks)  # every rank
+    scores = evaluate_encoder(byol.online.encoder, train_set, test_set, device, res=cfg.res, ranks=ranks)  # at the end
 
-Both leave the encoder in the mode they found it in.
+With several ranks each extracts the features of its shard of both sets and they are all-gathered
+(evaluation.distributed); the kNN monitor then runs on every rank (cheap, identical), so no rank
+waits long in a collective. Both leave the encoder in the mode they found it in.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import torch
 import torch.nn as nn
 
 from evaluation.data import ArraySet, EvalSet, FolderSet, eval_splits
+from evaluation.distributed import SINGLE_PROCESS, Ranks, gathered_features
 from evaluation.features import extract_features, pixel_features
 from evaluation.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy, knn_predict
 from evaluation.linear_probe import ProbeResult, linear_probe
 from pipelines.views import BYOL_VIEWS, ViewRecipe
 
 __all__ = [
-    "ArraySet", "EvalSet", "FolderSet", "ProbeResult", "eval_splits", "evaluate_encoder", "extract_features",
-    "knn_accuracy", "knn_monitor", "knn_predict", "linear_probe", "pixel_features",
+    "ArraySet", "EvalSet", "FolderSet", "ProbeResult", "Ranks", "eval_splits", "evaluate_encoder", "extract_features",
+    "gathered_features", "knn_accuracy", "knn_monitor", "knn_predict", "linear_probe", "pixel_features",
 ]
 
 
@@ -36,10 +40,11 @@ def knn_monitor(
     recipe: ViewRecipe = BYOL_VIEWS,
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> float:
-    """kNN top-1 in [0, 1] on `val_set` with `train_set` features as the memory bank."""
-    bank, bank_labels = extract_features(encoder, train_set, device, res, recipe)
-    queries, query_labels = extract_features(encoder, val_set, device, res, recipe)
+    """kNN top-1 in [0, 1] on `val_set` with `train_set` features as the memory bank, on every rank."""
+    (bank, bank_labels), (queries, query_labels) = gathered_features(encoder, (train_set, val_set), device, res,
+                                                                     recipe, ranks)
     return knn_accuracy(bank, bank_labels, queries, query_labels, train_set.num_classes, k, temperature)
 
 
@@ -51,10 +56,20 @@ def evaluate_encoder(
     res: int | None = None,
     recipe: ViewRecipe = BYOL_VIEWS,
     k: int = DEFAULT_K,
-) -> dict[str, float]:
-    """{'knn_top1', 'linear_top1', 'linear_weight_decay'} from one feature extraction of each set."""
-    train_x, train_y = extract_features(encoder, train_set, device, res, recipe)
-    test_x, test_y = extract_features(encoder, test_set, device, res, recipe)
+    ranks: Ranks = SINGLE_PROCESS,
+) -> dict[str, float] | None:
+    """{'knn_top1', 'linear_top1', 'linear_weight_decay'} from one feature extraction of each set.
+
+    With several ranks the extraction is shared and the scores are computed on rank 0 alone; the
+    other ranks return None as soon as the features are gathered. The probe is not sharded, and
+    running it on every rank would only repeat it (and slow it P-fold where P CPU processes share
+    the cores). The gathers are this call's last collective, so rank 0 keeps nobody waiting: the
+    caller must make no collective after it (train.py: only rank-0 file writes, then leaving the group).
+    """
+    (train_x, train_y), (test_x, test_y) = gathered_features(encoder, (train_set, test_set), device, res, recipe,
+                                                             ranks)
+    if not ranks.is_main:
+        return None
     probe = linear_probe(train_x, train_y, test_x, test_y, train_set.num_classes)
     return {
         "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, train_set.num_classes, k),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Self
 
 import numpy as np
 import torch
@@ -27,7 +28,31 @@ LabelledBatch = tuple[torch.Tensor, torch.Tensor]
 CENTER_CROP_FRACTION = 0.875
 
 
-class ArraySet:
+class _Subsettable:
+    """`limit` and `shard` for a set that can take a subset by index (its order kept)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def subset(self, indices: torch.Tensor) -> Self:
+        raise NotImplementedError
+
+    def limit(self, count: int | None) -> Self:
+        """`count` samples spread evenly over the set (all of it if None or larger); on a class-sorted
+        folder every class keeps its share."""
+        if count is None or count >= len(self):
+            return self
+        return self.subset(evenly_spaced(len(self), count))
+
+    def shard(self, rank: int, world_size: int) -> Self:
+        """Samples rank, rank + world_size, ...: the shards of all ranks are disjoint, cover the set, and
+        differ in size by at most one (see evaluation.distributed for how they are put back in order)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        return self.subset(torch.arange(len(self))[rank::world_size])
+
+
+class ArraySet(_Subsettable):
     """An in-memory labelled set (the built-in dataset, or any uint8 array)."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, num_classes: int):
@@ -45,12 +70,6 @@ class ArraySet:
     def subset(self, indices: torch.Tensor | np.ndarray) -> ArraySet:
         indices = torch.as_tensor(indices)
         return ArraySet(self.images[indices], self.labels[indices], self.num_classes)
-
-    def limit(self, count: int | None) -> ArraySet:
-        """`count` samples spread evenly over the set (all of it if None or larger)."""
-        if count is None or count >= len(self):
-            return self
-        return self.subset(evenly_spaced(len(self), count))
 
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
         for start in range(0, len(self), batch_size):
@@ -72,7 +91,7 @@ class _CenterCropped(Dataset):
             return self.transform(img.convert("RGB")), label
 
 
-class FolderSet:
+class FolderSet(_Subsettable):
     """An ImageFolder tree decoded on the fly (too large to hold in memory), centre-cropped to res."""
 
     def __init__(self, root: str, workers: int = 4):
@@ -84,12 +103,14 @@ class FolderSet:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def limit(self, count: int | None) -> FolderSet:
-        """`count` samples spread evenly over the (class-sorted) folder, so every class keeps its share."""
-        if count is None or count >= len(self):
-            return self
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 (N,), read from the folder names: no image is decoded."""
+        return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
+    def subset(self, indices: torch.Tensor | np.ndarray) -> FolderSet:
         subset = copy.copy(self)
-        subset.samples = [self.samples[i] for i in evenly_spaced(len(self), count)]
+        subset.samples = [self.samples[i] for i in torch.as_tensor(indices).tolist()]
         return subset
 
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
@@ -104,9 +125,11 @@ def evenly_spaced(total: int, count: int) -> torch.Tensor:
 
 
 def eval_splits(
-    data: str, val_data: str | None = None, train_limit: int | None = None, test_limit: int | None = None
+    data: str, val_data: str | None = None, train_limit: int | None = None, test_limit: int | None = None,
+    workers: int = 4,
 ) -> tuple[EvalSet, EvalSet]:
-    """(train, test) sets for `--data`: the built-in dataset's splits, or two ImageFolder roots.
+    """(train, test) sets for `--data`: the built-in dataset's splits, or two ImageFolder roots
+    decoded by `workers` DataLoader processes (0: in this process).
 
     The limits keep that many evenly spaced samples of each (features of all 70k Fashion-MNIST
     images take minutes on a CPU; a few thousand give a usable monitor).
@@ -117,5 +140,5 @@ def eval_splits(
     elif val_data is None:
         raise ValueError(f"--data {data} is a folder: also give --val-data, the labelled folder to report on")
     else:
-        train, test = FolderSet(data), FolderSet(val_data)
+        train, test = FolderSet(data, workers), FolderSet(val_data, workers)
     return train.limit(train_limit), test.limit(test_limit)
