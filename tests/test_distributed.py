@@ -1,10 +1,9 @@
 """The DDP path on CPU (gloo): 2 processes follow 1 process with the same global batch, train.py runs
 2 processes end to end, and each rank's loader shard is disjoint from the others'.
 
-torch's SyncBatchNorm runs only on GPUs, so on CPU each rank's BN would normalise with its own half
-batch and the trajectories would differ by design. The equivalence test therefore uses a BN-free
-BYOL (GroupNorm encoder, BN-less heads): what it checks is the DDP wiring itself (gradient averaging
-over ranks, the un-wrapped target and its EMA, LARS, the loss averaged over ranks at log points).
+The equivalence test uses a BN-free BYOL (GroupNorm encoder, BN-less heads): what it checks is the
+DDP wiring itself (gradient averaging over ranks, the un-wrapped target and its EMA, LARS, the loss
+averaged over ranks at log points); cross-replica BN has its own equivalence test (test_sync_bn.py).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torchvision.models as tvm
 
 import train
 from config import TrainConfig
@@ -100,6 +100,16 @@ def test_train_py_runs_two_cpu_processes(tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    # Cross-replica BN (--sync-bn is the default) leaves plain-BN state: the checkpoint loads strictly
+    # into an unconverted BYOL and the exported backbone into torchvision's ResNet-18.
+    cfg = TrainConfig(arch="resnet18", res=8, hidden_dim=64, proj_dim=32).resolved()
+    byol = train.build_model(cfg, torch.device("cpu"))
+    byol.online.load_state_dict(state["online"])
+    byol.target.load_state_dict(state["target"])
+    # Per-view BN: 2 training-mode calls per step in each network.
+    assert state["online"]["encoder.bn1.num_batches_tracked"] == state["target"]["0.bn1.num_batches_tracked"] == 4
+    loaded = tvm.resnet18().load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=False)
+    assert sorted(loaded.missing_keys) == ["fc.bias", "fc.weight"] and not loaded.unexpected_keys
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,8 @@ import torch._dynamo
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision.models as tvm
-from test_train_cli import TINY, run_train
 
-import train
-from config import TrainConfig
 from models.sync_bn import CrossReplicaBatchNorm, convert_cross_replica_bn
-from runtime.checkpoint import CheckpointDir, load_checkpoint
 from runtime.distributed import close_world, init_world, launch
 
 WORLD, STEPS = 2, 2
@@ -207,21 +203,3 @@ def test_compiled_cross_replica_bn_has_no_graph_break_and_matches_eager(two_rank
         assert torch.equal(two_ranks[0]["compiled"][key], two_ranks[1]["compiled"][key]), key
     assert not torch.equal(two_ranks[0]["compiled"]["eager_out0"], two_ranks[1]["compiled"]["eager_out0"])
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_train_py_runs_two_cpu_processes_with_cross_replica_bn(tmp_path):
-    result = run_train(*TINY, "--processes", "2", "--sync-bn", "--res", "32", "--no-small-images", "--steps", "2",
-                       "--log-every", "1", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "over 2 process(es)" in result.stdout
-    # The checkpoint and the exported backbone load strictly into plain-BN models.
-    state = load_checkpoint(CheckpointDir(tmp_path / "checkpoints", keep=3).paths()[0])
-    cfg = TrainConfig(arch="resnet18", res=32, small_images=False, hidden_dim=64, proj_dim=32).resolved()
-    byol = train.build_model(cfg, torch.device("cpu"))
-    byol.online.load_state_dict(state["online"])
-    byol.target.load_state_dict(state["target"])
-    # Per-view BN: 2 training-mode calls per step in each network.
-    assert state["online"]["encoder.bn1.num_batches_tracked"] == state["target"]["0.bn1.num_batches_tracked"] == 4
-    loaded = tvm.resnet18().load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=False)
-    assert sorted(loaded.missing_keys) == ["fc.bias", "fc.weight"] and not loaded.unexpected_keys
