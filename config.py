@@ -15,6 +15,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from models.backbones import SMALL_IMAGE_MAX_RES
+
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -30,7 +32,11 @@ class TrainConfig:
                                 ("cpu", "cuda"))
     processes: int = option(1, "CPU processes (gloo DDP) when --gpus 0: exercises the distributed path without GPUs")
     arch: str = option("resnet50", "encoder", ("resnet18", "resnet34", "resnet50"))
-    small_images: bool | None = option(None, "CIFAR-style stem (default: on when --res <= 64)")
+    small_images: bool | None = option(None, "small-image form: CIFAR-style stem, no view blur and solo-learn's "
+                                       "CIFAR optimiser defaults (default: on when --res <= 64)")
+    width: int = option(64, "backbone width: channels of the stem and first stage, stages 1-2-4-8x it (64 = "
+                        "torchvision's ResNets; e.g. 16 for a quick CPU run)")
+    blur: bool | None = option(None, "Gaussian blur in the views (default: the recipe's, none for small images)")
     res: int = option(224, "output resolution of both views")
     in_memory: bool = option(True, "ffcv: the .beton fits in RAM (random order, OS page cache); --no-in-memory "
                              "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)")
@@ -39,12 +45,14 @@ class TrainConfig:
     epochs: int = option(100, "training epochs")
     steps: int | None = option(None, "stop after this many optimizer steps (schedule still spans them)")
     optimizer: str = option("lars", "optimizer", ("lars", "lars-reference", "lamb", "sgd"))
-    base_lr: float | None = option(None, "lr per 256 images (recipe: 0.2 @1000 ep, 0.3 @300, 0.45 @<=100)")
-    weight_decay: float | None = option(None, "weight decay (recipe: 1.5e-6 @1000 ep, else 1e-6)")
+    base_lr: float | None = option(None, "lr per 256 images (recipe: 0.2 @1000 ep, 0.3 @300, 0.45 @<=100; "
+                                   "small images: 1.0)")
+    weight_decay: float | None = option(None, "weight decay (recipe: 1.5e-6 @1000 ep, else 1e-6; small images: 1e-5)")
     momentum: float = option(0.9, "LARS momentum")
-    eta: float = option(1e-3, "LARS trust coefficient")
-    warmup_epochs: float = option(10.0, "linear lr warmup length in epochs")
-    tau_base: float | None = option(None, "target EMA base (recipe: 0.996 @1000 ep, 0.99 @100-300, 0.97 @<=40)")
+    eta: float | None = option(None, "LARS trust coefficient (recipe: 1e-3; small images: 0.02)")
+    warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, at most a tenth of the run")
+    tau_base: float | None = option(None, "target EMA base (recipe: 0.996 @1000 ep, 0.99 @100-300, 0.97 @<=40; "
+                                    "small images: 0.99)")
     hidden_dim: int = option(4096, "projector/predictor hidden width")
     proj_dim: int = option(256, "projection size")
     bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views")
@@ -66,13 +74,17 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "keep the newest K checkpoints")
 
     def resolved(self) -> TrainConfig:
-        """Fill the None options with the recipe's values for this run length."""
+        """Fill the None options with the recipe's values for this run length and image size."""
         long, medium = self.epochs >= 1000, self.epochs >= 300
+        small = self.res <= SMALL_IMAGE_MAX_RES if self.small_images is None else self.small_images
+        # Small images follow solo-learn's CIFAR BYOL recipe where it differs from ImageNet's.
         recipe = {
-            "base_lr": 0.2 if long else 0.3 if medium else 0.45,
-            "weight_decay": 1.5e-6 if long else 1e-6,
-            "tau_base": 0.996 if long else 0.99 if self.epochs > 40 else 0.97,
-            "small_images": self.res <= 64,
+            "base_lr": 1.0 if small else 0.2 if long else 0.3 if medium else 0.45,
+            "weight_decay": 1e-5 if small else 1.5e-6 if long else 1e-6,
+            "eta": 0.02 if small else 1e-3,
+            "tau_base": 0.99 if small else 0.996 if long else 0.99 if self.epochs > 40 else 0.97,
+            "small_images": small,
+            "blur": not small,
         }
         if self.device is not None and self.gpus is not None and (self.device == "cpu") != (self.gpus == 0):
             raise ValueError(f"--device {self.device} contradicts --gpus {self.gpus}; give one of them")

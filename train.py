@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from config import ConfigError, TrainConfig, parse_config
-from evaluation import Ranks, eval_splits, evaluate_encoder, knn_monitor
+from evaluation import Ranks, eval_splits, evaluate_against_baselines, knn_monitor, summary
 from models.backbones import build_backbone
 from models.byol import BYOL
 from models.optim import build_optimizer
-from models.schedules import lr_at, scaled_lr, tau_at
+from models.schedules import lr_at, scaled_lr, tau_at, warmup_steps
 from models.step import AUTOCAST_DTYPES, ByolStep
 from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
 from pipelines.builtin import resolve_data
@@ -91,16 +91,23 @@ def make_loader(cfg: TrainConfig, world: World, data: str) -> TwoViewLoader:
     """This rank's shard: per-process batch = global batch / world size."""
     return build_loader(cfg.loader, LoaderConfig(
         data=data, batch_size=cfg.batch_size // world.size,
-        recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale), device=world.device,
+        recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale, blur=bool(cfg.blur)),
+        device=world.device,
         dtype=view_dtype(cfg, world.device), workers=cfg.workers, seed=cfg.seed,
         rank=world.rank, world_size=world.size, compile=cfg.compile, in_memory=cfg.in_memory,
     ))
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> BYOL:
-    encoder, feature_dim = build_backbone(cfg.arch, small_images=bool(cfg.small_images))
+    encoder, feature_dim = build_backbone(cfg.arch, small_images=bool(cfg.small_images), width=cfg.width)
     byol = BYOL(encoder, feature_dim, cfg.hidden_dim, cfg.proj_dim, bn_per_view=cfg.bn_per_view)
     return byol.to(device, memory_format=torch.channels_last)
+
+
+def random_init_encoder(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The run's encoder as it was before training (same seed, same draws): the baseline training must beat."""
+    seed_all(cfg.seed)
+    return build_model(cfg, device).online.encoder
 
 
 def cpu_has_native_bf16() -> bool:
@@ -123,14 +130,14 @@ def build_step(cfg: TrainConfig, byol: BYOL, device: torch.device, online: torch
 
 
 def train(cfg: TrainConfig, world: World) -> int:
-    seed_all(cfg.seed)  # the same initial weights on every rank
     configure_backends(cfg.deterministic)
     loader = make_loader(cfg, world, resolve_data_main_first(cfg, world))
     steps_per_epoch = len(loader)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = warmup_steps(total_steps, steps_per_epoch, cfg.warmup_epochs)
     peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
 
+    seed_all(cfg.seed)  # the same initial weights on every rank (and in random_init_encoder)
     byol = build_model(cfg, world.device)
     online = wrap_online(byol, world, cfg.sync_bn)
     step_fn = build_step(cfg, byol, world.device, online)
@@ -166,7 +173,7 @@ def train(cfg: TrainConfig, world: World) -> int:
             loader.set_epoch(epoch)
             # On resume, the batches this epoch already trained on are drawn again and skipped.
             for view1, view2, _ in window.timed(itertools.islice(iter(loader), done_in_epoch, None)):
-                lr, tau = lr_at(step, total_steps, peak_lr, warmup_steps), tau_at(step, total_steps, cfg.tau_base)
+                lr, tau = lr_at(step, total_steps, peak_lr, warmup), tau_at(step, total_steps, cfg.tau_base)
                 loss = step_fn(view1, view2, lr, tau)
                 step += 1
                 window.images += view1.shape[0] * world.size
@@ -203,12 +210,12 @@ def train(cfg: TrainConfig, world: World) -> int:
         display.close()
         if log is not None:
             log.close()
-    # The run's last collective: rank 0 gets the scores, the others go on to leave the group.
-    scores = evaluate_encoder(byol.online.encoder, *eval_sets, world.device, res=cfg.res,
-                              ranks=eval_ranks) if eval_sets else None
+    # The run's last collectives: rank 0 gets the scores, the others go on to leave the group.
+    scores = evaluate_against_baselines(byol.online.encoder, random_init_encoder(cfg, world.device), *eval_sets,
+                                        world.device, res=cfg.res, ranks=eval_ranks) if eval_sets else None
     if scores is not None:
         (out / "eval.json").write_text(json.dumps(scores, indent=1))
-        display.message("final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        display.message(f"final evaluation: {summary(scores)}")
     if world.is_main:
         export_backbone(out / "backbone.pt", byol.online.encoder)
         plotted = plot_metrics(out / "metrics.jsonl", out / "metrics.png")

@@ -26,8 +26,9 @@ from evaluation.linear_probe import ProbeResult, linear_probe
 from pipelines.views import BYOL_VIEWS, ViewRecipe
 
 __all__ = [
-    "ArraySet", "EvalSet", "FolderSet", "ProbeResult", "Ranks", "eval_splits", "evaluate_encoder", "extract_features",
-    "gathered_features", "knn_accuracy", "knn_monitor", "knn_predict", "linear_probe", "pixel_features",
+    "ArraySet", "EvalSet", "FolderSet", "ProbeResult", "Ranks", "eval_splits", "evaluate_against_baselines",
+    "evaluate_encoder", "extract_features", "gathered_features", "knn_accuracy", "knn_monitor", "knn_predict",
+    "linear_probe", "pixel_features", "summary",
 ]
 
 
@@ -76,3 +77,44 @@ def evaluate_encoder(
         "linear_top1": probe.top1,
         "linear_weight_decay": probe.weight_decay,
     }
+
+
+def evaluate_against_baselines(
+    encoder: nn.Module,
+    random_encoder: nn.Module,
+    train_set: EvalSet,
+    test_set: EvalSet,
+    device: torch.device | str,
+    res: int | None = None,
+    recipe: ViewRecipe = BYOL_VIEWS,
+    ranks: Ranks = SINGLE_PROCESS,
+) -> dict[str, float] | None:
+    """`evaluate_encoder`'s scores for the trained encoder, beside the same architecture at random init
+    (`random_init_*`) and, for in-memory sets, a linear probe on raw pixels (`pixels_linear_top1`):
+    measured in the same run, so a claim that training helped is checked against both.
+    Collectives and return value as `evaluate_encoder` (None on ranks other than 0)."""
+    scores = evaluate_encoder(encoder, train_set, test_set, device, res, recipe, ranks=ranks)
+    random_init = evaluate_encoder(random_encoder, train_set, test_set, device, res, recipe, ranks=ranks)
+    if scores is None or random_init is None:
+        return None
+    scores |= {f"random_init_{name}": value for name, value in random_init.items()}
+    if isinstance(train_set, ArraySet) and isinstance(test_set, ArraySet):
+        pixels = linear_probe(*pixel_features(train_set), *pixel_features(test_set), train_set.num_classes)
+        scores |= {"pixels_linear_top1": pixels.top1, "pixels_linear_weight_decay": pixels.weight_decay}
+    return scores
+
+
+def summary(scores: dict[str, float]) -> str:
+    """One line: each top-1 of the trained encoder with the baselines measured beside it."""
+    def percent(key: str) -> str:
+        return f"{100 * scores[key]:.1f}%"
+
+    knn = f"kNN top-1 {percent('knn_top1')}"
+    linear = f"linear top-1 {percent('linear_top1')}"
+    if "random_init_knn_top1" in scores:
+        knn += f" (random init {percent('random_init_knn_top1')})"
+        baselines = [f"random init {percent('random_init_linear_top1')}"]
+        if "pixels_linear_top1" in scores:
+            baselines.append(f"raw pixels {percent('pixels_linear_top1')}")
+        linear += f" ({', '.join(baselines)})"
+    return f"{knn}, {linear}"

@@ -16,16 +16,16 @@ import torch
 import torch.nn as nn
 
 from evaluation import ArraySet, eval_splits, evaluate_encoder, linear_probe, pixel_features
-from models.backbones import ARCHS, build_backbone
+from models.backbones import ARCHS, DEFAULT_WIDTH, SMALL_IMAGE_MAX_RES, build_backbone
 
 
-def load_encoder(path: str | None, arch: str, small_images: bool) -> nn.Module:
+def load_encoder(path: str | None, arch: str, small_images: bool, width: int = DEFAULT_WIDTH) -> nn.Module:
     """The encoder with the checkpoint's weights (a torchvision-named state dict), or random init if None.
 
-    The stem is read from the checkpoint (3x3 conv1 = small-image stem), so it cannot mismatch.
+    The stem and width are read from the checkpoint (3x3 conv1 = small-image stem), so they cannot mismatch.
     """
     if path is None:
-        return build_backbone(arch, small_images=small_images)[0]
+        return build_backbone(arch, small_images=small_images, width=width)[0]
     if not Path(path).is_file():
         raise ValueError(f"--checkpoint {path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -33,7 +33,9 @@ def load_encoder(path: str | None, arch: str, small_images: bool) -> nn.Module:
     if "conv1.weight" not in state:
         raise ValueError(f"--checkpoint {path} is not a backbone state dict (no conv1.weight); "
                          "give the exported backbone.pt")
-    encoder, _ = build_backbone(arch, small_images=state["conv1.weight"].shape[-1] == 3)
+    # The stem's shape tells the exported encoder's form: its kernel the stem, its channels the width.
+    stem = state["conv1.weight"]
+    encoder, _ = build_backbone(arch, small_images=stem.shape[-1] == 3, width=stem.shape[0])
     missing, unexpected = encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
                                                   strict=False)
     if missing or unexpected:
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default="fashion-mnist", help="'fashion-mnist[:idx folder]' or an ImageFolder root")
     parser.add_argument("--val-data", help="labelled ImageFolder to report on (folders only)")
     parser.add_argument("--res", type=int, default=28, help="input resolution the encoder was trained at")
+    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="backbone width of the random-init baseline "
+                        "(a checkpoint's own width is read from it)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--k", type=int, default=200, help="kNN neighbours")
     parser.add_argument("--train-limit", type=int, help="use this many evenly spaced training images (default: all)")
@@ -69,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         train_set, test_set = eval_splits(args.data, args.val_data, args.train_limit, args.test_limit)
         encoders = {}
         if args.checkpoint:
-            encoders[args.checkpoint] = load_encoder(args.checkpoint, args.arch, args.res <= 64)
+            encoders[args.checkpoint] = load_encoder(args.checkpoint, args.arch, args.res <= SMALL_IMAGE_MAX_RES)
         if args.baselines or not args.checkpoint:
             torch.manual_seed(0)
-            encoders[f"{args.arch} random init"] = load_encoder(None, args.arch, args.res <= 64)
+            encoders[f"{args.arch} random init"] = load_encoder(None, args.arch, args.res <= SMALL_IMAGE_MAX_RES, args.width)
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluation: error: {err}", file=sys.stderr)
         return 2

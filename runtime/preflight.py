@@ -24,7 +24,8 @@ def _require(ok: bool, message: str) -> None:
 def check(cfg: TrainConfig) -> int:
     """Raise ValueError (message = the one line to print) on bad input; return the world size."""
     BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale)
-    for name in ("batch_size", "epochs", "log_every", "keep_checkpoints", "processes", "hidden_dim", "proj_dim"):
+    for name in ("batch_size", "epochs", "log_every", "keep_checkpoints", "processes", "hidden_dim", "proj_dim",
+                 "width"):
         _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("checkpoint_every", "checkpoint_minutes", "eval_every", "workers", "warmup_epochs"):
         _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")

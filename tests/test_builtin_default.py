@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from config import parse_config
+from evaluation.__main__ import load_encoder
+from models.backbones import DEFAULT_WIDTH
 from pipelines.registry import LOADER_MODULES, is_available
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion-mnist.toml"
@@ -47,4 +49,10 @@ def test_short_built_in_run_with_each_installed_loader(loader, cache_dir, tmp_pa
     scores = json.loads((tmp_path / "eval.json").read_text())
     # 10 classes, 200 test images: chance is 10%; even this 3-step encoder's features beat it.
     assert 0.2 < scores["linear_top1"] <= 1 and 0.1 < scores["knn_top1"] <= 1
-    assert (tmp_path / "backbone.pt").stat().st_size > 1_000_000
+    # Baselines from the same run: the encoder at random init, and raw pixels (a strong probe here).
+    assert 0.1 < scores["random_init_linear_top1"] <= 1 and 0.5 < scores["pixels_linear_top1"] <= 1
+    assert "raw pixels" in result.stdout
+    # The exported narrow backbone loads into a model of its own width (read from the file).
+    cfg = parse_config(["--config", str(CONFIG)]).resolved()
+    encoder = load_encoder(str(tmp_path / "backbone.pt"), cfg.arch, cfg.small_images)
+    assert encoder.conv1.out_channels == cfg.width < DEFAULT_WIDTH

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,9 @@ def test_run_prints_progress_and_writes_metrics(finished_run):
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [int(r["step"]) for r in rows] == [r["step"] for r in records] == [2, 4]
-    # --steps 4 is the whole schedule, so warmup (capped at the run length) spans it: the lr of the
-    # 4th step (index 3) is peak * 3 / 4, with peak = base_lr * batch / 256.
-    assert records[-1]["lr"] == pytest.approx(0.45 * 8 / 256 * 3 / 4)
+    # --steps 4 is the whole schedule, so warmup (a tenth of the run: 0.4 steps) rounds to none and the
+    # lr of the 4th step (index 3) is on the cosine: peak (1 + cos(pi 3/4)) / 2, peak = base_lr * batch / 256.
+    assert records[-1]["lr"] == pytest.approx(0.45 * 8 / 256 * (1 + math.cos(math.pi * 3 / 4)) / 2)
     assert 0 < records[-1]["loss"] <= 4 and (out / "metrics.png").stat().st_size > 1000
 
 
@@ -92,7 +93,11 @@ def test_real_loader_epoch_runs_the_knn_monitor_and_the_final_evaluation(photo_c
     scores = json.loads((tmp_path / "eval.json").read_text())
     # 4 classes: accuracies are fractions, and the monitor and the final kNN see the same final encoder.
     assert 0 <= scores["linear_top1"] <= 1 and scores["knn_top1"] == pytest.approx(records[-1]["knn_top1"])
-    assert "knn top-1" in result.stdout and "final evaluation" in result.stdout
+    # The same encoder at random init is measured beside it (raw pixels only for in-memory sets).
+    assert 0 <= scores["random_init_knn_top1"] <= 1 and 0 <= scores["random_init_linear_top1"] <= 1
+    assert "pixels_linear_top1" not in scores
+    assert "knn top-1" in result.stdout and "final evaluation: kNN top-1" in result.stdout
+    assert "(random init" in result.stdout
 
 
 def main_error(capsys, *argv: str) -> str:
@@ -152,8 +157,16 @@ def test_existing_checkpoints_need_resume(capsys, tmp_path):
 def test_config_defaults_follow_the_recipe():
     cfg = config_from_args(build_parser().parse_args(["--epochs", "1000"])).resolved()
     assert (cfg.base_lr, cfg.weight_decay, cfg.tau_base) == (0.2, 1.5e-6, 0.996)
-    short = TrainConfig(epochs=40, res=32).resolved()
-    assert (short.base_lr, short.weight_decay, short.tau_base, short.small_images) == (0.45, 1e-6, 0.97, True)
+    short = TrainConfig(epochs=40).resolved()
+    assert (short.base_lr, short.weight_decay, short.tau_base, short.eta) == (0.45, 1e-6, 0.97, 1e-3)
+    assert short.small_images is False and short.blur is True
+    # Small images take solo-learn's CIFAR recipe: no blur, lr 1.0, wd 1e-5, eta 0.02, tau 0.99.
+    small = TrainConfig(epochs=40, res=28).resolved()
+    assert (small.base_lr, small.weight_decay, small.tau_base, small.eta) == (1.0, 1e-5, 0.99, 0.02)
+    assert small.small_images is True and small.blur is False
+    # Each stays overridable, and an explicit --no-small-images gives the ImageNet recipe at any size.
+    assert TrainConfig(res=28, blur=True, eta=0.01).resolved().blur is True
+    assert TrainConfig(res=28, small_images=False).resolved().base_lr == 0.45
     assert build_parser().parse_args(["--no-compile"]).compile is False
 
 
