@@ -16,11 +16,20 @@ from models.backbones import DEFAULT_WIDTH
 from pipelines.registry import LOADER_MODULES, is_available
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion-mnist.toml"
+GPU_CONFIG = CONFIG.with_name("fashion-mnist-gpu.toml")
 
 
 def test_the_default_config_is_the_built_in_recipe():
     cfg = parse_config(["--config", str(CONFIG)]).resolved()
     assert (cfg.data, cfg.arch, cfg.small_images, cfg.eval_every) == ("fashion-mnist", "resnet18", True, 1)
+    assert (cfg.width, cfg.res, cfg.blur, cfg.base_lr, cfg.eta) == (16, 28, False, 1.0, 0.02)
+
+
+def test_the_gpu_config_is_the_full_width_small_image_recipe():
+    cfg = parse_config(["--config", str(GPU_CONFIG)]).resolved()
+    assert (cfg.data, cfg.arch, cfg.width, cfg.res, cfg.small_images, cfg.blur) == \
+        ("fashion-mnist", "resnet18", DEFAULT_WIDTH, 28, True, False)
+    assert cfg.compile and cfg.precision == "bf16" and cfg.eval_every > 0 and cfg.eval_limit is None
 
 
 @pytest.fixture(scope="module")
