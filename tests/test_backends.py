@@ -17,6 +17,7 @@ def restore_backends(monkeypatch):
              torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.fp32_precision,
              torch.backends.cudnn.conv.fp32_precision)
     yield
+    torch.set_flush_denormal(False)
     torch.use_deterministic_algorithms(saved[0])
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
     torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved[3], saved[4]
@@ -36,6 +37,13 @@ def test_default_picks_the_fast_kernels(restore_backends):
     assert torch.backends.cudnn.benchmark
     assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # CPU numerics untouched
+
+
+def test_subnormal_floats_are_flushed_on_cpu(restore_backends):
+    smallest_normal = torch.finfo(torch.float32).tiny
+    configure_backends(deterministic=False)
+    assert (torch.tensor([smallest_normal]) * 0.5).item() == 0.0
+    assert (torch.tensor([smallest_normal]) * 2.0).item() == 2 * smallest_normal
 
 
 def test_user_workspace_setting_is_kept(restore_backends, monkeypatch):
