@@ -141,9 +141,21 @@ def make_corpus(
     return out
 
 
+# The test suite's photo corpora (tests/conftest.py). A machine without the wallpaper photos (a
+# GPU box) runs the suite on copies made elsewhere: --test-corpora DIR, then FASTBYOL_TEST_CORPORA=DIR.
+TEST_CORPORA = {
+    "clean": dict(images=64, classes=4, seed=1),
+    "dirty": dict(images=32, classes=4, with_bad_files=True, seed=2),
+}
+TEST_CORPORA_ENV = "FASTBYOL_TEST_CORPORA"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output ImageFolder root (must not exist)")
+    parser.add_argument("--test-corpora", metavar="DIR",
+                        help=f"write the test suite's corpora ({', '.join(TEST_CORPORA)}) under DIR, for "
+                        f"{TEST_CORPORA_ENV}=DIR on a machine without the photos; the other options are ignored")
+    parser.add_argument("--out", help="output ImageFolder root (must not exist)")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--width", type=int, default=400, help="mean image width")
@@ -152,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="add grayscale/CMYK/PNG-named/progressive files and unreadable ones to class_000")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.test_corpora:
+        for name, spec in TEST_CORPORA.items():
+            print(f"wrote {make_corpus(Path(args.test_corpora) / name, **spec)}")
+        return 0
+    if args.out is None:
+        parser.error("give --out (or --test-corpora)")
     if args.images < 1 or args.classes < 1:
         parser.error("--images and --classes must be positive")
     try:

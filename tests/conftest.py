@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmark.make_corpus import make_corpus
+from benchmark.make_corpus import TEST_CORPORA, TEST_CORPORA_ENV, make_corpus
+
+
+def _test_corpus(name: str, tmp_path_factory) -> str:
+    """benchmark.make_corpus.TEST_CORPORA[name]: made here from the wallpaper photos, or taken from
+    $FASTBYOL_TEST_CORPORA where a machine has no photos (`python -m benchmark.make_corpus --test-corpora`)."""
+    prebuilt = os.environ.get(TEST_CORPORA_ENV)
+    if prebuilt:
+        return str(Path(prebuilt) / name)
+    return str(make_corpus(tmp_path_factory.mktemp("corpus") / name, **TEST_CORPORA[name]))
 
 
 @pytest.fixture(scope="session")
 def photo_corpus(tmp_path_factory) -> str:
     """64 ImageNet-like JPEGs (real photos, ~400x350) in 4 classes, no bad files."""
-    return str(make_corpus(tmp_path_factory.mktemp("corpus") / "clean", images=64, classes=4, seed=1))
+    return _test_corpus("clean", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def dirty_corpus(tmp_path_factory) -> str:
     """32 real-photo JPEGs in 4 classes plus, in class_000, odd-but-valid and unreadable files
     (see benchmark.make_corpus.ODD_BUT_VALID / UNREADABLE)."""
-    return str(make_corpus(tmp_path_factory.mktemp("corpus") / "dirty", images=32, classes=4,
-                           with_bad_files=True, seed=2))
+    return _test_corpus("dirty", tmp_path_factory)
 
 
 def pytest_collection_modifyitems(config, items):
