@@ -8,6 +8,7 @@ recipe's value for the run length (`TrainConfig.resolved`), per ../shared/BYOL_R
 from __future__ import annotations
 
 import argparse
+import os
 import tomllib
 import types
 import typing
@@ -15,7 +16,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.backbones import SMALL_IMAGE_MAX_RES
+from pipelines.registry import default_loader
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -24,7 +28,9 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> A
 
 @dataclass(frozen=True)
 class TrainConfig:
-    loader: str = option("synthetic", "data loader", ("dali", "ffcv", "torchvision", "synthetic"))
+    loader: str | None = option(None, "data loader (default: ffcv for a .beton, else dali where installed, else "
+                                "torchvision; synthetic makes random views and reads no data)",
+                                ("dali", "ffcv", "torchvision", "synthetic"))
     data: str = option("fashion-mnist", "ImageFolder root, .beton file (ffcv), or built-in dataset name")
     gpus: int | None = option(None, "GPUs to train on, one process each (default: all visible GPUs, 0 on a "
                               "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead")
@@ -59,8 +65,10 @@ class TrainConfig:
     sync_bn: bool = option(True, "cross-replica BatchNorm over all processes in online and target networks")
     precision: str = option("bf16", "autocast precision (a CPU without native bf16 runs fp32)",
                             ("bf16", "fp16", "fp32"))
-    compile: bool = option(True, "torch.compile the step")
-    workers: int = option(4, "loader worker threads/processes per process")
+    compile: bool | None = option(None, "torch.compile the step (default: on with GPUs; off on CPU, where "
+                                  "compiling takes minutes on a few cores)")
+    workers: int | None = option(None, "loader worker threads/processes per training process (default: this "
+                                 "machine's usable cores divided among its training processes)")
     seed: int = option(0, "random seed")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible resume; slower)")
     log_every: int = option(10, "read metrics from the device every N steps")
@@ -89,6 +97,11 @@ class TrainConfig:
         if self.device is not None and self.gpus is not None and (self.device == "cpu") != (self.gpus == 0):
             raise ValueError(f"--device {self.device} contradicts --gpus {self.gpus}; give one of them")
         recipe["gpus"] = 0 if self.device == "cpu" else None
+        gpus = self.gpus if self.gpus is not None else recipe["gpus"]
+        on_gpus = gpus != 0 and torch.cuda.is_available()
+        processes = (gpus or torch.cuda.device_count()) if on_gpus else self.processes
+        recipe |= {"compile": on_gpus, "workers": max(1, len(os.sched_getaffinity(0)) // max(1, processes)),
+                   "loader": self.loader or default_loader(self.data)}  # an import check: only when needed
         return replace(self, **{name: value if getattr(self, name) is None else getattr(self, name)
                                 for name, value in recipe.items()})
 

@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv).resolved()
         world_size = preflight.check(cfg)
+        if cfg.loader == "synthetic" and cfg.data != TrainConfig.data:
+            print(f"train.py: warning: --loader synthetic makes random views on the device and ignores --data "
+                  f"{cfg.data}; name a real --loader to train on it", file=sys.stderr)
     except (ConfigError, ValueError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,22 @@ def test_config_defaults_follow_the_recipe():
     assert TrainConfig(res=28, blur=True, eta=0.01).resolved().blur is True
     assert TrainConfig(res=28, small_images=False).resolved().base_lr == 0.45
     assert build_parser().parse_args(["--no-compile"]).compile is False
+
+
+def test_defaults_follow_the_machine_and_the_data(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = TrainConfig().resolved()
+    # A real loader, never synthetic: DALI (installed here; its CPU mode) for folders and built-ins.
+    assert cpu.loader == "dali" and TrainConfig(data="x.beton").resolved().loader == "ffcv"
+    assert cpu.compile is False  # compiling takes minutes on a few cores
+    cores = len(os.sched_getaffinity(0))
+    assert cpu.workers == cores and TrainConfig(processes=2).resolved().workers == max(1, cores // 2)
+    assert TrainConfig(loader="torchvision", workers=1, compile=True).resolved().workers == 1
+
+
+def test_synthetic_loader_warns_that_it_ignores_data(capsys, tmp_path):
+    assert train.main([*TINY, "--res", "8", "--steps", "1", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert "--loader synthetic makes random views on the device and ignores --data" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
