@@ -4,18 +4,34 @@ On CUDA the decode is `device="mixed"` (nvJPEG, partly on the hardware decoder) 
 augmentation runs on the GPU; with a CPU `LoaderConfig.device` the same graph runs on DALI's CPU
 operators (this is how CI tests it). Every random parameter is drawn per sample.
 
-Per view: random resized crop -> colour twist (jitter with p, grayscale with p) -> Gaussian blur
-with p -> solarize with p -> flip + normalize in one `crop_mirror_normalize`. Flip is applied last
-because it commutes with the photometric ops, so it costs nothing extra there.
+Per view: random resized crop -> colour jitter with p -> grayscale with p -> Gaussian blur with p
+-> solarize with p -> flip + normalize in one `crop_mirror_normalize`. Flip is applied last because
+it commutes with the photometric ops, so it costs nothing extra there.
 
-Probabilities are expressed through parameters, not branches: an op that does not fire gets its
-identity parameters (brightness 1, a 1-tap blur window, XOR mask 0). That keeps one static graph with no
-batch splitting; an op whose probability is 0 for a view is left out of that view's graph.
+Probabilities are expressed through parameters where an op that does not fire costs little: it
+gets its identity parameters (a 1-tap blur window, XOR mask 0). Jitter and grayscale instead run
+only on the samples that draw them, through DALI's per-sample conditionals (the pipeline is built
+with `enable_conditionals`: the batch is split and merged back inside the graph, still one static
+graph with no Python per sample), because each costs a full colour map of the image. An op whose
+probability is 0 for a view is left out of that view's graph.
+
+Colour jitter (`recipe.jitter`; the formulas of both modes are in pipelines/views.py) uses the
+colour maps of pipelines/gpu_augment.py: each op is a 4x4 homogeneous map of the RGB vector, built
+from the sample's draws with small per-sample tensor ops on the CPU, the ops compose into one map,
+and one `coord_transform` applies it to the uint8 crop (its uint8 result is rounded and saturated,
+which is the clip to [0, 1]). On CUDA the crop's mean colour, which the contrast pivots need, comes
+back to the CPU as 3 floats per sample (`.cpu()`, allowed by DALI's default dynamic executor).
+Random order: the affine ops commute (see `_Jitter`), so only where the non-affine official HSV
+saturation falls in the sample's order matters; it is drawn per sample and splits the map there,
+with the HSV op (per-pixel max and min, a float blend) in between. Grayscale is a second map, on
+the clipped jitter output as in the official code (luma weights 0.2989/0.587/0.114).
+Where this departs from the formulas, as in gpu_augment: hue is the YIQ rotation, and values are
+clipped per fused segment rather than after every op (bounds in tests/test_jitter_fidelity.py).
+DALI's own hue, hsv and colour-twist operators are linear approximations too; an exact HSV hue in
+DALI arithmetic (about 30 elementwise operators, which DALI runs one pass each) measured about 4 ms
+more per 224-px view on 2 CPU cores, some three times the whole old colour twist.
 
 Choices the recipe leaves open (see also pipelines/views.py):
-- DALI's colour twist is one fused linear map, so brightness/contrast/saturation/hue apply in a
-  fixed order (not a random one) and contrast pivots on mid-grey rather than the image mean.
-  Grayscale is saturation 0 in the same map (luma weights 0.299/0.587/0.114, as torchvision).
 - Output layout is HWC: a (B, H, W, C) tensor permuted to (B, C, H, W) is already channels_last,
   so the contract's layout costs no copy (CHW output would need one `.contiguous()` copy).
 - DALI has float16 but no bfloat16: for bf16 the pipeline emits float16 (normalized values lie
@@ -29,6 +45,7 @@ drops each rank's last partial batch; `drop_last=False` returns it partial (Last
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -36,9 +53,11 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.base import Batch, LoaderConfig
+from pipelines.gpu_augment import HUE_RADIANS_PER_TURN, ColourBasis
 from pipelines.imagefolder import ImageFolderIndex, load_index
 from pipelines.views import ViewRecipe, ViewSpec
 
@@ -75,22 +94,167 @@ def _when(fired, value, identity: float):
     return identity + fired * (value - identity)
 
 
-def _colour(img, spec: ViewSpec):
-    """Colour jitter with p = jitter_p, then grayscale with p = grayscale_p, as one colour twist."""
-    if spec.jitter_p == 0 and spec.grayscale_p == 0:
-        return img
-    jitter = _coin(spec.jitter_p)
-    saturation = _when(jitter, _uniform(1 - spec.saturation, 1 + spec.saturation), 1.0)
-    if spec.grayscale_p > 0:
-        saturation = saturation * (1.0 - _coin(spec.grayscale_p))
-    return fn.color_twist(
-        img,
-        brightness=_when(jitter, _uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness), 1.0),
-        contrast=_when(jitter, _uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast), 1.0),
-        saturation=saturation,
-        # The recipe's hue is a fraction of a turn (torchvision); DALI takes degrees.
-        hue=_when(jitter, _uniform(-360.0 * spec.hue, 360.0 * spec.hue), 0.0),
-    )
+def _draw(lo: float, hi: float):
+    """Per-sample U[lo, hi], also where the range is a point (an op switched off), which DALI's
+    uniform rejects."""
+    return fn.constant(fdata=[lo], shape=[]) if lo == hi else _uniform(lo, hi)
+
+
+def _on_device(img, node):
+    """A CPU per-sample value on `img`'s device: an expression's tensor inputs must share one."""
+    return node.gpu() if img.device == "gpu" else node
+
+
+def _const(array) -> DataNode:
+    """A per-sample constant float32 tensor (on the CPU, where DALI takes argument inputs)."""
+    return types.Constant(np.asarray(array, np.float32))
+
+
+def _host(node) -> DataNode:
+    """A small per-sample result (a mean colour) where the colour maps are built: on the CPU. From a
+    GPU op this is a copy of 3 floats per sample inside the pipeline (DALI's default executor)."""
+    return node.cpu() if node.device == "gpu" else node
+
+
+def _matmul(a, b) -> DataNode:
+    """Per-sample (4, 4) @ (4, 4)."""
+    return fn.reductions.sum(fn.reshape(a, shape=[4, 4, 1]) * fn.reshape(b, shape=[1, 4, 4]), axes=[1])
+
+
+def _apply(matrix, v) -> DataNode:
+    """Per-sample (4, 4) @ (4,)."""
+    return fn.reductions.sum(matrix * fn.reshape(v, shape=[1, 4]), axes=[1])
+
+
+def _embed(m3=None, column=None) -> np.ndarray:
+    """A 4x4 homogeneous colour map with linear part m3 (default 0) and offset column (default 0)."""
+    out = np.zeros((4, 4))
+    out[3, 3] = 1.0
+    if m3 is not None:
+        out[:3, :3] = m3
+    if column is not None:
+        out[:3, 3] = column
+    return out
+
+
+_BASIS = {name: part.numpy() for name, part in ColourBasis.build(dtype=torch.float64)._asdict().items()}
+_EYE = np.eye(4)
+_SCALE = np.diag([1.0, 1.0, 1.0, 0.0])  # f * _SCALE + _CORNER scales the colour by f
+_CORNER = _embed()
+_SHIFT = _embed(column=np.ones(3)) - _CORNER  # delta * _SHIFT adds delta to every channel
+_GRAY_ROWS = _embed(np.tile(_BASIS["gray"], (3, 1))) - _CORNER  # every channel = luma
+_HUE = {name: _embed(_BASIS[name]) - _CORNER for name in ("hue_fixed", "hue_cos", "hue_sin")}
+_ORDERS = tuple(itertools.permutations(range(4)))  # (brightness, contrast, saturation, hue) at each step
+_BRIGHT, _CONTRAST, _SAT, _HUE_OP = range(4)
+
+
+class _Jitter:
+    """Per-sample draws of one view's jitter, and its colour maps as in pipelines/gpu_augment.py:
+    each op is a 4x4 homogeneous map on [0, 1] RGB (built with small per-sample tensor ops on the
+    CPU), the ops compose into one map, and one `coord_transform` applies it to the image.
+
+    The affine ops commute: each treats luma and chroma (the YIQ planes) separately, shifting or
+    scaling luma and scaling, rotating or (official contrast) pulling towards its mean the chroma,
+    and a contrast pivots on the mean of the image as it is, which every other op carries along.
+    So any order of them gives the same map (to 1e-4: contrast and the gray blend weigh luma
+    0.2989/0.587/0.114, the YIQ rotation keeps 0.299/0.587/0.114), and one order is used. Order
+    matters only at the non-affine official HSV saturation: each sample draws one of the 24 orders,
+    and its map is split into the ops before and after the saturation in that order.
+    """
+
+    def __init__(self, spec: ViewSpec, mode: str) -> None:
+        self.spec, self.official = spec, mode == "official"
+        b, s = spec.brightness, spec.saturation
+        self.bright = _draw(-b, b) if self.official else _draw(max(0.0, 1 - b), 1 + b)
+        self.contrast = _draw(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
+        self.saturation = _draw(max(0.0, 1 - s), 1 + s)
+        theta = HUE_RADIANS_PER_TURN * _draw(-spec.hue, spec.hue)
+        self.hue = _const(_HUE["hue_fixed"] + _CORNER) + dmath.cos(theta) * _const(_HUE["hue_cos"]) + \
+            dmath.sin(theta) * _const(_HUE["hue_sin"])
+
+    def _op(self, op: int, current):
+        """The 4x4 map of `op`; `current`: (4,) homogeneous mean colour of the image it applies to."""
+        if op == _BRIGHT and self.official:
+            return _const(_EYE) + self.bright * _const(_SHIFT)
+        if op == _BRIGHT:
+            return self.bright * _const(_SCALE) + _const(_CORNER)
+        if op == _CONTRAST:
+            # The pivot: each channel's own mean (official) or the gray one (torchvision).
+            pivot = current * _const([1.0, 1.0, 1.0, 0.0])
+            if not self.official:
+                pivot = fn.reductions.sum(current * _const([*_BASIS["gray"], 0.0])) * _const([1.0, 1.0, 1.0, 0.0])
+            f = self.contrast
+            return f * _const(_SCALE) + _const(_CORNER) + (1.0 - f) * fn.reshape(pivot, shape=[4, 1]) * \
+                _const([[0.0, 0.0, 0.0, 1.0]])
+        if op == _SAT:
+            return self.saturation * _const(_SCALE) + (1.0 - self.saturation) * _const(_GRAY_ROWS) + \
+                _const(_CORNER)
+        return self.hue
+
+    def matrix(self, mean_rgb, included: dict | None = None):
+        """The composed 4x4 map of the affine ops. mean_rgb: (3,) mean colour of the input on the
+        [0, 1] scale (for the contrast pivots); included: op -> per-sample 0/1, whether the op is
+        part of this map (default: every affine op with a strength > 0)."""
+        ops = [op for op, name in enumerate(("brightness", "contrast", "saturation", "hue"))
+               if getattr(self.spec, name) > 0 and not (op == _SAT and self.official)]
+        total = _const(_EYE)
+        current = fn.cat(mean_rgb, _const([1.0]))
+        for op in ops:
+            step = self._op(op, current)
+            if included is not None:
+                step = _const(_EYE) + included[op] * (step - _const(_EYE))
+            total = _matmul(step, total)
+            current = _apply(step, current)
+        return total
+
+    def before_saturation(self) -> dict:
+        """op -> per-sample 0/1: the op comes before the saturation in the sample's random order."""
+        order = fn.random.uniform(values=list(range(len(_ORDERS))), dtype=types.INT32)
+        return {op: fn.lookup_table(order, keys=list(range(len(_ORDERS))), dtype=types.FLOAT,
+                                    values=[float(o.index(op) < o.index(_SAT)) for o in _ORDERS])
+                for op in (_BRIGHT, _CONTRAST, _HUE_OP)}
+
+
+def _transform(img, matrix, dtype: types.DALIDataType):
+    """The 4x4 map (on [0, 1] values) applied to an HWC image on the 0-255 scale; a uint8 result is
+    rounded and saturated, i.e. clipped to [0, 1]."""
+    return fn.coord_transform(img, MT=matrix[0:3] * _const([1.0, 1.0, 1.0, 255.0]), dtype=dtype)
+
+
+def _mean_rgb(img):
+    return _host(fn.reductions.mean(img, axes=[0, 1])) / 255.0
+
+
+def _hsv_saturation(x, factor):
+    """HSV's S -> clip(S * factor, 0, 1) (as gpu_augment.hsv_saturation): x -> V - g (V - x) with
+    g = min(factor, V / C), V the max channel, C = V - min; float result."""
+    top = fn.reductions.max(x, axes=[2], keep_dims=True)
+    low = fn.reductions.min(x, axes=[2], keep_dims=True)
+    # Gray pixels (C = 0) have x = V, so any finite g leaves them unchanged.
+    g = dmath.min(_on_device(x, factor), top / dmath.max(top - low, 1e-6))
+    return g * x + (1.0 - g) * top
+
+
+def _jitter(img, spec: ViewSpec, mode: str):
+    """Colour jitter of `mode` (pipelines/views.py) on uint8 HWC crops, fused into colour maps as in
+    pipelines/gpu_augment.py; uint8 result."""
+    draws = _Jitter(spec, mode)
+    if mode != "official" or spec.saturation == 0:
+        return _transform(img, draws.matrix(_mean_rgb(img)), types.UINT8)
+    before = draws.before_saturation()
+    x = _hsv_saturation(_transform(img, draws.matrix(_mean_rgb(img), before), types.UINT8), draws.saturation)
+    after = {op: 1.0 - flag for op, flag in before.items()}
+    return fn.cast(_transform(x, draws.matrix(_mean_rgb(x), after), types.FLOAT), dtype=types.UINT8)
+
+
+def _colour(img, spec: ViewSpec, mode: str):
+    """Colour jitter with p = jitter_p, then grayscale with p = grayscale_p, each only on the samples
+    that draw it (a per-sample `if`: DALI splits the batch and merges it back)."""
+    if spec.jitter_p > 0 and _coin(spec.jitter_p):
+        img = _jitter(img, spec, mode)
+    if spec.grayscale_p > 0 and _coin(spec.grayscale_p):
+        img = fn.coord_transform(img, M=list(np.tile(_BASIS["gray"], 3)), dtype=types.UINT8)
+    return img
 
 
 def _blur(img, spec: ViewSpec, kernel: int):
@@ -128,7 +292,7 @@ def _view(decoded, recipe: ViewRecipe, spec: ViewSpec, dtype: types.DALIDataType
         decoded, size=[recipe.res, recipe.res], random_area=list(recipe.crop_scale),
         random_aspect_ratio=list(recipe.crop_ratio), interp_type=types.INTERP_LINEAR, antialias=True,
     )
-    img = _solarize(_blur(_colour(img, spec), spec, recipe.blur_kernel_size), spec)
+    img = _solarize(_blur(_colour(img, spec, recipe.jitter), spec, recipe.blur_kernel_size), spec)
     mirror = fn.random.coin_flip(probability=spec.flip_p) if spec.flip_p > 0 else 0
     return fn.crop_mirror_normalize(
         img, mirror=mirror, mean=list(recipe.mean_255()), std=list(recipe.std_255()),
@@ -136,7 +300,7 @@ def _view(decoded, recipe: ViewRecipe, spec: ViewSpec, dtype: types.DALIDataType
     )
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)
 def two_view_pipeline(files: list[str], labels: list[int], recipe: ViewRecipe, gpu: bool,
                       dtype: types.DALIDataType, shard_id: int, num_shards: int):
     jpegs, label = fn.readers.file(

@@ -7,14 +7,29 @@ Every random parameter is drawn per sample on the device in one `torch.rand` cal
 value ever comes back to the host (no `.item()`, no Python branching on tensor values), so the
 module runs asynchronously on CUDA and compiles with torch.compile.
 
-Choices (the recipe allows them; see pipelines/views.py):
-- Colour jitter: the four ops run in a random order per sample. Brightness, contrast, saturation
-  and hue are all affine maps of the RGB vector (contrast through the per-image gray mean, which
-  an affine map carries along exactly), so each sample's ordered chain composes into ONE 3x4
-  matrix that is applied in a single pass. The result is clamped to [0, 1] once at the end of the
-  chain instead of after every op (DALI's fused colour twist does the same).
-- Hue is the YIQ rotation approximation (rotate the I/Q chroma plane by 2*pi*h), not an exact
-  RGB->HSV->RGB round trip; it is linear, which is what makes the fused matrix possible.
+Colour jitter follows `recipe.jitter` (the formulas of both modes are in pipelines/views.py), the
+four ops in a random order per sample. Brightness and contrast (either mode), torchvision's
+gray-blend saturation and the hue rotation below are affine maps of the RGB vector (contrast pivots
+on image means, which an affine map carries along exactly), so each sample's ordered chain composes
+into ONE 3x4 matrix applied in a single pass. The official HSV saturation (x -> V - g (V - x), V the
+pixel's max channel) is not affine: in "official" mode the chain is split at it per sample, into
+one matrix for the ops drawn before it, the HSV op, and one matrix for those after it (one more
+pass over the image: about a third more time for this module on 2 CPU cores at 224 px).
+The DALI loader builds the same maps (pipelines/dali.py). Where they depart from the formulas
+(tests/test_jitter_fidelity.py measures both, on a real photo):
+- Clipping to [0, 1] once at the end of each fused segment (official mode also clips before the HSV
+  op, which needs [0, 1] input), not after every op: an op pushing pixels out of range and a later
+  one that would bring them back give another result. Over the whole chain at the recipe's
+  strengths this moves the laws of the contrast and saturation shifts by a KS distance of up to
+  0.08; each op alone is exact.
+- Hue is a rotation of the YIQ chroma plane by HUE_RADIANS_PER_TURN * h (a positive h turns red
+  towards green, as HSV's H + h does), not the RGB->HSV->RGB round trip: linear, so it fuses, but it
+  keeps luma where HSV keeps the max and min channels. Over |h| <= 0.1 the mean per-pixel distance
+  of a view from the exact HSV hue is 18/255 on average and at most 37/255 on a colourful photo
+  (mean chroma 0.36), at most 3.3/255 on a grayish one (0.06). The hue law is symmetric, so a
+  rotation in the wrong direction would not show in any distribution: a test pins the direction.
+
+Other choices:
 - Blur: separable Gaussian with per-sample sigma, reflect padding (as torchvision), applied as two
   batched matmuls with per-sample banded matrices; samples that skip the blur get a delta kernel
   (identity matrix), so one code path serves the whole batch. The horizontal flip is folded into
@@ -33,13 +48,18 @@ from torch import nn
 
 from pipelines.views import ViewRecipe, ViewSpec
 
-# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+# Luma weights of torchvision's tensor rgb_to_grayscale and the official code (ITU-R 601, as rounded there).
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+# Angle of the (I, Q)-plane rotation per turn of hue shift. HSV hue runs red -> green -> blue
+# clockwise in that plane, so the minus sign turns colours the way HSV's H + shift
+# (torchvision's adjust_hue) does.
+HUE_RADIANS_PER_TURN = -2 * math.pi
 
 # Columns of the per-sample uniform draws (one torch.rand(B, _DRAWS) per view).
 _FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(10)
-_ORDER = slice(10, 14)  # four keys whose argsort is the jitter order
+_ORDER = slice(10, 14)  # four keys (brightness, contrast, saturation, hue) whose argsort is the jitter order
+_SAT_KEY = _ORDER.start + (_SAT - _BRIGHT)  # the saturation op's order key
 _DRAWS = 14
 
 
@@ -60,68 +80,115 @@ def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return low + (high - low) * u
 
 
+def _factor(u: torch.Tensor, strength: float) -> torch.Tensor:
+    """A jitter factor ~ U[max(0, 1 - strength), 1 + strength]."""
+    return _uniform(u, max(0.0, 1 - strength), 1 + strength)
+
+
 class ColourBasis(NamedTuple):
     """Constant colour matrices, made once on the host and kept on the device: building them per
     batch would copy from pageable host memory (and `linalg.inv` checks its result on the host),
-    three host syncs per view on CUDA."""
+    three host syncs per view on CUDA. The DALI loader builds its colour maps from the same ones."""
 
     gray: torch.Tensor  # (3,) luma weights
-    yiq: torch.Tensor  # (3, 3) RGB -> YIQ
-    yiq_inv: torch.Tensor  # (3, 3) YIQ -> RGB
+    # The hue rotation by theta is hue_fixed + cos(theta) hue_cos + sin(theta) hue_sin (see hue_matrix).
+    hue_fixed: torch.Tensor  # (3, 3)
+    hue_cos: torch.Tensor  # (3, 3)
+    hue_sin: torch.Tensor  # (3, 3)
 
     @classmethod
     def build(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ColourBasis:
         yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
-        return cls(*(t.to(device, dtype) for t in (torch.tensor(GRAY_WEIGHTS, dtype=torch.float64), yiq,
-                                                      torch.linalg.inv(yiq))))
+        # Luma kept, chroma (I, Q) kept, and the sine part of a rotation of the (I, Q) plane, in YIQ.
+        luma, chroma, turn = torch.zeros(3, 3, 3, dtype=torch.float64)
+        luma[0, 0] = chroma[1, 1] = chroma[2, 2] = 1.0
+        turn[1, 2], turn[2, 1] = -1.0, 1.0
+        parts = (torch.linalg.inv(yiq) @ m @ yiq for m in (luma, chroma, turn))
+        return cls(*(t.to(device, dtype) for t in (torch.tensor(GRAY_WEIGHTS, dtype=torch.float64), *parts)))
 
 
-def _hue_matrix(theta: torch.Tensor, basis: ColourBasis) -> torch.Tensor:
-    """(B,) angles -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane."""
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    one, zero = torch.ones_like(theta), torch.zeros_like(theta)
-    rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(-1, 3, 3)
-    return basis.yiq_inv @ rot @ basis.yiq
+def hue_matrix(hue: torch.Tensor, basis: ColourBasis) -> torch.Tensor:
+    """(B,) hue shifts in turns -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane by
+    HUE_RADIANS_PER_TURN * hue: a positive shift turns red towards green."""
+    theta = (HUE_RADIANS_PER_TURN * hue).view(-1, 1, 1)
+    return basis.hue_fixed + torch.cos(theta) * basis.hue_cos + torch.sin(theta) * basis.hue_sin
 
 
-def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec, basis: ColourBasis) -> torch.Tensor:
-    """Per-sample (B, 3, 4) affine colour maps of the whole jitter chain, in random order per sample.
+def hsv_saturation(x: torch.Tensor, factor: torch.Tensor | float, dim: int) -> torch.Tensor:
+    """The official saturation op on RGB values in [0, 1] along `dim`: HSV's S -> clip(S * factor, 0, 1).
 
-    u: (B, _DRAWS) uniforms; mean_rgb: (B, 3) mean colour of each input image; `basis` on u's device.
+    Hue and V (the max channel) stay, so every channel moves along its own distance to V:
+    x -> V - g (V - x) with g = min(factor, V / C), C = V - min; g < factor where S * factor would
+    pass 1 (the smallest channel stops at 0). `factor` broadcasts against x with `dim` kept.
+    """
+    r, g, b = x.split(1, dim=dim)
+    # Elementwise over the three planes: several times faster than a reduction over a size-3 dim.
+    low, top = torch.minimum(torch.minimum(r, g), b), torch.maximum(torch.maximum(r, g), b)
+    # Gray pixels (C = 0) have x = V, so any finite g leaves them unchanged.
+    g = torch.clamp(top / (top - low).clamp_min_(1e-12), max=factor)
+    return torch.addcmul(top - g * top, g, x)  # one pass over the image for V - g (V - x)
+
+
+def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec, basis: ColourBasis,
+                    mode: str = "torchvision", steps: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample (B, 3, 4) affine colour maps of the jitter chain, in random order per sample.
+
+    u: (B, _DRAWS) uniforms; mean_rgb: (B, 3) mean colour of each input image on the [0, 1] scale;
+    `basis` on u's device. `mode` is one of views.JITTER_MODES ("torchvision": every op is affine).
+    In "official" mode the saturation op is not affine and is left out (identity): the caller
+    applies `hsv_saturation` between the maps of the steps before and after it. steps: (B, 4) bool,
+    which steps of each sample's order to compose (default: all four).
     """
     batch, device, dtype = u.shape[0], u.device, u.dtype
+    official = mode == "official"
     eye = torch.eye(4, device=device, dtype=dtype).expand(batch, 4, 4)
-    gray = basis.gray
-    gray_rows = gray.expand(3, 3)  # every output channel = luma
-    bright = _uniform(u[:, _BRIGHT], max(0.0, 1 - spec.brightness), 1 + spec.brightness)
-    contrast = _uniform(u[:, _CONTRAST], max(0.0, 1 - spec.contrast), 1 + spec.contrast)
-    sat = _uniform(u[:, _SAT], max(0.0, 1 - spec.saturation), 1 + spec.saturation)
-    hue = _uniform(u[:, _HUE], -spec.hue, spec.hue) * (2 * math.pi)
+    eye3 = torch.eye(3, device=device, dtype=dtype)
 
-    def linear(m3: torch.Tensor) -> torch.Tensor:
+    def affine(m3: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         out = eye.clone()
         out[:, :3, :3] = m3
+        if offset is not None:
+            out[:, :3, 3] = offset
         return out
 
-    eye3 = torch.eye(3, device=device, dtype=dtype)
-    bright_m = linear(bright.view(-1, 1, 1) * eye3)
-    sat_m = linear(sat.view(-1, 1, 1) * eye3 + (1 - sat).view(-1, 1, 1) * gray_rows)
-    hue_m = linear(_hue_matrix(hue, basis))
+    if official:
+        shift = _uniform(u[:, _BRIGHT], -spec.brightness, spec.brightness)
+        bright_m = affine(eye3.expand(batch, 3, 3), shift.unsqueeze(1).expand(batch, 3))
+        sat_m = eye
+    else:
+        bright_m = affine(_factor(u[:, _BRIGHT], spec.brightness).view(-1, 1, 1) * eye3)
+        sat = _factor(u[:, _SAT], spec.saturation).view(-1, 1, 1)
+        sat_m = affine(sat * eye3 + (1 - sat) * basis.gray.expand(3, 3))  # every gray row = luma
+    # U[-hue, hue] as hue - 2 hue u: the law is symmetric, so the draw's direction is free, and this
+    # one keeps the matrix of each u that tests/test_gpu_augment.py pins.
+    hue_m = affine(hue_matrix(_uniform(u[:, _HUE], spec.hue, -spec.hue), basis))
+    contrast = _factor(u[:, _CONTRAST], spec.contrast)
     order = u[:, _ORDER].argsort(dim=1)  # (B, 4): op index (bright, contrast, sat, hue) at each step
     op_ids = torch.arange(4, device=device)
     total = eye
     mean_h = torch.cat([mean_rgb, torch.ones_like(mean_rgb[:, :1])], dim=1).unsqueeze(-1)  # (B, 4, 1)
     for step in range(4):
-        # Contrast blends with the gray mean of the image as it is at this step of the chain.
-        current_gray = (gray @ (total @ mean_h)[:, :3]).squeeze(-1)  # (B,)
-        contrast_m = linear(contrast.view(-1, 1, 1) * eye3)
-        contrast_m[:, :3, 3] = ((1 - contrast) * current_gray).unsqueeze(-1)
+        # Contrast pivots on the means of the image as it is at this step of the chain: each
+        # channel's own (official) or the gray one (torchvision).
+        current = (total @ mean_h)[:, :3, 0]  # (B, 3)
+        pivot = current if official else (current @ basis.gray).unsqueeze(1).expand(batch, 3)
+        contrast_m = affine(contrast.view(-1, 1, 1) * eye3, (1 - contrast).unsqueeze(1) * pivot)
         ops = torch.stack([bright_m, contrast_m, sat_m, hue_m], dim=1)  # (B, 4, 4, 4)
         # A comparison, not F.one_hot: one_hot checks its input's range on the host (two syncs).
         pick = (order[:, step].unsqueeze(1) == op_ids).to(dtype).view(batch, 4, 1, 1)
-        total = (ops * pick).sum(dim=1) @ total
+        chosen = (ops * pick).sum(dim=1)
+        if steps is not None:
+            chosen = torch.where(steps[:, step].view(-1, 1, 1), chosen, eye)
+        total = chosen @ total
     applied = (u[:, _JITTER] < spec.jitter_p).view(-1, 1, 1)
     return torch.where(applied, total, eye)[:, :3, :]
+
+
+def _apply_colour(colour: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """(B, 3, 4) maps applied to (B, H, 3, W) values times `scale`, clipped to [0, 1] (a new tensor)."""
+    # Folding `scale` into the 3x3 part saves a pass over the image.
+    out = torch.matmul((colour[:, :, :3] * scale).unsqueeze(1), x)
+    return out.add_(colour[:, :, 3].view(-1, 1, 3, 1)).clamp_(0.0, 1.0)
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int, enabled: torch.Tensor) -> torch.Tensor:
@@ -173,9 +240,8 @@ class TwoViewAugment(nn.Module):
         self.register_buffer("mean", torch.tensor(recipe.mean).view(1, 1, 3, 1), persistent=False)
         self.register_buffer("std", torch.tensor(recipe.std).view(1, 1, 3, 1), persistent=False)
         basis = ColourBasis.build()
-        self.register_buffer("gray", basis.gray, persistent=False)
-        self.register_buffer("yiq", basis.yiq, persistent=False)
-        self.register_buffer("yiq_inv", basis.yiq_inv, persistent=False)
+        for name, value in basis._asdict().items():
+            self.register_buffer(name, value, persistent=False)
         self.register_buffer("to_gray", basis.gray.expand(3, 3).clone(), persistent=False)
         self.register_buffer("keep_colour", torch.eye(3), persistent=False)
         self._view = torch.compile(self.augment_view, dynamic=False) if compile else self.augment_view
@@ -188,11 +254,7 @@ class TwoViewAugment(nn.Module):
         """
         x = _as_row_planes(crops)  # (B, H, 3, W), 0-255
         batch, height, _, width = x.shape
-        basis = ColourBasis(self.gray, self.yiq, self.yiq_inv)
-        colour = jitter_matrices(u, x.mean(dim=(1, 3)) / 255.0, spec, basis)
-        # The colour map applies to [0, 1] values; folding the 1/255 into it saves a pass.
-        x = torch.matmul((colour[:, :, :3] / 255.0).unsqueeze(1), x)
-        x = x.add_(colour[:, :, 3].view(-1, 1, 3, 1)).clamp_(0.0, 1.0)
+        x = self._jitter(x, spec, u)  # [0, 1]
         if spec.grayscale_p > 0:
             to_gray = (u[:, _GRAY] < spec.grayscale_p).view(-1, 1, 1)
             x = torch.matmul(torch.where(to_gray, self.to_gray, self.keep_colour).unsqueeze(1), x)
@@ -207,6 +269,25 @@ class TwoViewAugment(nn.Module):
             x = torch.where(solarize & (x >= spec.solarize_threshold), 1.0 - x, x)
         x = (x - self.mean) / self.std
         return x.permute(0, 2, 1, 3).to(self.dtype, memory_format=torch.channels_last)
+
+    def _jitter(self, x: torch.Tensor, spec: ViewSpec, u: torch.Tensor) -> torch.Tensor:
+        """Colour jitter of (B, H, 3, W) values on the 0-255 scale -> [0, 1] values."""
+        if spec.jitter_p == 0:
+            return x.div(255.0)
+        basis = ColourBasis(*(getattr(self, name) for name in ColourBasis._fields))
+        mode = self.recipe.jitter
+        if mode != "official" or spec.saturation == 0:
+            return _apply_colour(jitter_matrices(u, x.mean(dim=(1, 3)) / 255.0, spec, basis, mode), x, 1 / 255)
+        # The HSV saturation splits each sample's chain at its own (random) step.
+        keys = u[:, _ORDER]
+        position = (keys < u[:, _SAT_KEY : _SAT_KEY + 1]).sum(dim=1, keepdim=True)  # (B, 1)
+        steps = torch.arange(4, device=u.device)
+        before = jitter_matrices(u, x.mean(dim=(1, 3)) / 255.0, spec, basis, mode, steps < position)
+        x = _apply_colour(before, x, 1 / 255)
+        fired = u[:, _JITTER] < spec.jitter_p
+        factor = torch.where(fired, _factor(u[:, _SAT], spec.saturation), torch.ones_like(u[:, _SAT]))
+        x = hsv_saturation(x, factor.view(-1, 1, 1, 1), dim=2)
+        return _apply_colour(jitter_matrices(u, x.mean(dim=(1, 3)), spec, basis, mode, steps > position), x)
 
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor | None = None, generator: torch.Generator | None = None

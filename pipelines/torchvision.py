@@ -5,6 +5,11 @@ the per-sample transforms of the recipe; the batch is then moved to `cfg.device`
 and cast to `cfg.dtype` in the main process. Same sample list and bad-file policy as every loader
 (pipelines/imagefolder.py).
 
+Colour jitter is the recipe's mode (pipelines/views.py) exactly: v2.ColorJitter for "torchvision",
+`OfficialColorJitter` for "official", both on float images after the PIL crop and flip, the four
+ops in a random order per call and each clipped, so this loader is also the reference the fast
+loaders' approximations are measured against (tests/test_jitter_fidelity.py).
+
 Epochs: a seeded permutation per (seed, epoch), strided over ranks like torch's DistributedSampler
 but without its padding, so each sample is seen exactly once per epoch across ranks; `drop_last`
 drops each rank's last partial batch.
@@ -12,34 +17,78 @@ drops each rank's last partial batch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from pipelines.base import Batch, LoaderConfig
+from pipelines.gpu_augment import hsv_saturation
 from pipelines.imagefolder import ImageFolderIndex, load_index
 from pipelines.views import ViewRecipe, ViewSpec
 
 
+def _draw(low: float, high: float) -> float:
+    """One value ~ U[low, high] from torch's generator (seeded per DataLoader worker), as v2.ColorJitter draws."""
+    return float(torch.empty(1).uniform_(low, high))
+
+
+class OfficialColorJitter(nn.Module):
+    """The official BYOL colour jitter (formulas in pipelines/views.py) on a float (3, H, W) image in
+    [0, 1]: the four ops in a random order, each result clipped to [0, 1], parameters drawn per call."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float) -> None:
+        super().__init__()
+        self.strengths = (brightness, contrast, saturation, hue)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        ops = (self._brightness, self._contrast, self._saturation, self._hue)
+        for i in torch.randperm(4).tolist():
+            if self.strengths[i] > 0:
+                img = ops[i](img, self.strengths[i])
+        return img
+
+    @staticmethod
+    def _brightness(img: torch.Tensor, strength: float) -> torch.Tensor:
+        return (img + _draw(-strength, strength)).clamp_(0.0, 1.0)
+
+    @staticmethod
+    def _contrast(img: torch.Tensor, strength: float) -> torch.Tensor:
+        mean = img.mean(dim=(-2, -1), keepdim=True)  # each channel's own
+        return mean.add(img - mean, alpha=_draw(max(0.0, 1 - strength), 1 + strength)).clamp_(0.0, 1.0)
+
+    @staticmethod
+    def _saturation(img: torch.Tensor, strength: float) -> torch.Tensor:
+        return hsv_saturation(img, _draw(max(0.0, 1 - strength), 1 + strength), dim=-3)
+
+    @staticmethod
+    def _hue(img: torch.Tensor, strength: float) -> torch.Tensor:
+        return v2.functional.adjust_hue(img, _draw(-strength, strength))  # exact HSV, as the official code
+
+
+def colour_jitter(recipe: ViewRecipe, spec: ViewSpec) -> nn.Module:
+    """The recipe's jitter mode for float images in [0, 1]."""
+    strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
+    return v2.ColorJitter(*strengths) if recipe.jitter == "torchvision" else OfficialColorJitter(*strengths)
+
+
 def view_transform(recipe: ViewRecipe, spec: ViewSpec) -> v2.Compose:
     """PIL image -> normalized float32 CHW tensor for one view; every parameter drawn per call."""
-    # x >= t on the [0, 1] scale is x >= ceil(255 t) on uint8; PIL's solarize inverts x >= threshold.
-    threshold = math.ceil(spec.solarize_threshold * 255)
-    jitter = v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
     return v2.Compose([
         v2.RandomResizedCrop(recipe.res, scale=recipe.crop_scale, ratio=recipe.crop_ratio,
                              interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.RandomHorizontalFlip(spec.flip_p),
-        v2.RandomApply([jitter], p=spec.jitter_p),
-        v2.RandomGrayscale(spec.grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(recipe.blur_kernel_size, sigma=spec.blur_sigma)], p=spec.blur_p),
-        v2.RandomSolarize(threshold, p=spec.solarize_p),
+        # The photometric ops run on float values: the jitter formulas are defined on [0, 1] without
+        # rounding to 8 bits between ops, which torchvision's PIL kernels do after every op.
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([colour_jitter(recipe, spec)], p=spec.jitter_p),
+        v2.RandomGrayscale(spec.grayscale_p),
+        v2.RandomApply([v2.GaussianBlur(recipe.blur_kernel_size, sigma=spec.blur_sigma)], p=spec.blur_p),
+        v2.RandomSolarize(spec.solarize_threshold, p=spec.solarize_p),
         v2.Normalize(recipe.mean, recipe.std),
     ])
 

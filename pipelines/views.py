@@ -3,12 +3,33 @@
 Numbers follow ../shared/BYOL_RECIPE.md (Grill et al. 2020, Table 6). Loaders must not hard-code
 any of them; CLI flags override fields through `ViewRecipe.with_overrides`.
 
-Documented choices where the recipe allows two:
-- Brightness is torchvision's multiplicative factor (x * U[1-b, 1+b]), not the official additive
-  shift; contrast and saturation blend with the per-image gray mean / grayscale image; hue rotates.
+Colour jitter (`ViewRecipe.jitter`, one of JITTER_MODES) on RGB x in [0, 1]; each pixel is a vector
+(r, g, b), mean_c is channel c's spatial mean over the image as it is at that op, V = max(r, g, b),
+m = min(r, g, b), C = V - m, gray(x) = 0.2989 r + 0.587 g + 0.114 b (both references' weights):
+
+  op          "official" (DeepMind byol/utils/augmentations.py)      "torchvision" (transforms.v2.ColorJitter)
+  brightness  x + d,  d ~ U[-b, b]                                   x * f,  f ~ U[max(0, 1 - b), 1 + b]
+  contrast    (x_c - mean_c) * f + mean_c, per channel c,            (x - M) * f + M, M = spatial mean of gray(x),
+              f ~ U[max(0, 1 - c), 1 + c]                            f ~ U[max(0, 1 - c), 1 + c]
+  saturation  HSV: S -> clip(S * f, 0, 1), i.e.                      blend with the gray image:
+              x_c -> V - g (V - x_c), g = min(f, V / C),             x -> gray(x) + f (x - gray(x)),
+              f ~ U[max(0, 1 - s), 1 + s]                            f ~ U[max(0, 1 - s), 1 + s]
+  hue         HSV: H -> (H + d) mod 1,  d ~ U[-h, h] turns           the same (a positive d turns red towards green)
+
+In both modes the four ops run in a random order per sample and every op's result is clipped to
+[0, 1] before the next; an op whose strength is 0 is skipped. Factors are clamped at 0 (the recipe's
+strengths are below 1, so this never applies). Grayscale (p = grayscale_p, after the jitter) sets
+every channel to gray(x) in both modes. The modes differ in brightness (official moves a pixel by
+up to 0.4, torchvision by up to 0.4 x, about half as far on a typical photo), in the contrast pivot
+(per-channel means keep each channel's mean, so a colour cast survives; the gray mean pulls the
+channel means together) and in saturation (HSV keeps each pixel's V = max channel, the gray blend
+keeps its luma).
+The torchvision loader applies these formulas as written; dali and gpu_augment fuse each sample's
+chain into colour maps and approximate it (hue as a YIQ rotation, a clip per fused segment), as their
+module docstrings say; tests/test_jitter_fidelity.py measures all three against them.
+
+Other documented choices where the recipe allows two:
 - Crop interpolation is bilinear (the common fast choice); the official code uses bicubic.
-- The four jitter ops run in a random order per sample where the loader can express it
-  (torchvision baseline, gpu_augment); DALI's fused colour twist applies them in one fixed order.
 """
 
 from __future__ import annotations
@@ -18,6 +39,7 @@ from dataclasses import dataclass, field, replace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+JITTER_MODES = ("official", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -51,6 +73,12 @@ class ViewRecipe:
     std: tuple[float, float, float] = IMAGENET_STD
     view1: ViewSpec = field(default_factory=lambda: ViewSpec(blur_p=1.0, solarize_p=0.0))
     view2: ViewSpec = field(default_factory=lambda: ViewSpec(blur_p=0.1, solarize_p=0.2))
+    # The colour-jitter formulas of both views, one of JITTER_MODES (see the module docstring).
+    jitter: str = "official"
+
+    def __post_init__(self) -> None:
+        if self.jitter not in JITTER_MODES:
+            raise ValueError(f"jitter must be one of {', '.join(JITTER_MODES)}, got {self.jitter!r}")
 
     @property
     def views(self) -> tuple[ViewSpec, ViewSpec]:
@@ -79,9 +107,11 @@ class ViewRecipe:
         return replace(self, view1=replace(self.view1, blur_p=0.0), view2=replace(self.view2, blur_p=0.0))
 
     def with_overrides(self, res: int | None = None, min_scale: float | None = None,
-                       blur: bool = True) -> ViewRecipe:
+                       blur: bool = True, jitter: str | None = None) -> ViewRecipe:
         """Return a copy with CLI overrides applied (None keeps the recipe value; blur=False: `without_blur`)."""
         recipe = self if blur else self.without_blur()
+        if jitter is not None:
+            recipe = replace(recipe, jitter=jitter)
         if res is not None:
             if res < 8:
                 raise ValueError(f"--res must be at least 8 pixels, got {res}")

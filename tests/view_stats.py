@@ -92,3 +92,19 @@ def assert_rate(hits: torch.Tensor, p: float, sigmas: float = 4.5, label: str = 
         return
     tolerance = sigmas * math.sqrt(p * (1 - p) / n)
     assert abs(rate - p) <= tolerance, f"{label}: rate {rate:.3f} over {n} samples, expected {p} +- {tolerance:.3f}"
+
+
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def isolate_jitter(recipe: ViewRecipe, ops: tuple[str, ...], mode: str) -> ViewRecipe:
+    """Recipe whose views apply only the colour jitter (p = 1, `mode`) with only `ops` at the recipe's
+    strengths, on whole-image crops, so each view is the jitter of the input image alone."""
+    probabilities = {**{field: 0.0 for field in _P_FIELD.values()}, "jitter_p": 1.0}
+
+    def only(spec: ViewSpec) -> ViewSpec:
+        strengths = {op: getattr(spec, op) if op in ops else 0.0 for op in JITTER_OPS}
+        return replace(spec, **probabilities, **strengths)
+
+    return replace(recipe, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter=mode,
+                   view1=only(recipe.view1), view2=only(recipe.view2))
