@@ -20,6 +20,7 @@ import torch
 
 from models.backbones import SMALL_IMAGE_MAX_RES
 from pipelines.registry import default_loader
+from pipelines.views import JITTER_MODES
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -43,6 +44,8 @@ class TrainConfig:
     width: int = option(64, "backbone width: channels of the stem and first stage, stages 1-2-4-8x it (64 = "
                         "torchvision's ResNets; e.g. 16 for a quick CPU run)")
     blur: bool | None = option(None, "Gaussian blur in the views (default: the recipe's, none for small images)")
+    jitter: str = option("official", "colour-jitter formulas: the official BYOL code's (additive brightness, HSV "
+                         "saturation) or torchvision's ColorJitter", JITTER_MODES)
     res: int = option(224, "output resolution of both views")
     in_memory: bool = option(True, "ffcv: the .beton fits in RAM (random order, OS page cache); --no-in-memory "
                              "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)")

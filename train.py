@@ -91,7 +91,8 @@ def make_loader(cfg: TrainConfig, world: World, data: str) -> TwoViewLoader:
     """This rank's shard: per-process batch = global batch / world size."""
     return build_loader(cfg.loader, LoaderConfig(
         data=data, batch_size=cfg.batch_size // world.size,
-        recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale, blur=bool(cfg.blur)),
+        recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale, blur=bool(cfg.blur),
+                                          jitter=cfg.jitter),
         device=world.device,
         dtype=view_dtype(cfg, world.device), workers=cfg.workers, seed=cfg.seed,
         rank=world.rank, world_size=world.size, compile=cfg.compile, in_memory=cfg.in_memory,

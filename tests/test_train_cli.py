@@ -168,6 +168,7 @@ def test_config_defaults_follow_the_recipe():
     # Each stays overridable, and an explicit --no-small-images gives the ImageNet recipe at any size.
     assert TrainConfig(res=28, blur=True, eta=0.01).resolved().blur is True
     assert TrainConfig(res=28, small_images=False).resolved().base_lr == 0.45
+    assert TrainConfig().jitter == "official" and parse_config(["--jitter", "torchvision"]).jitter == "torchvision"
     assert build_parser().parse_args(["--no-compile"]).compile is False
 
 
