@@ -22,7 +22,7 @@ GPU_CONFIG = CONFIG.with_name("fashion-mnist-gpu.toml")
 def test_the_default_config_is_the_built_in_recipe():
     cfg = parse_config(["--config", str(CONFIG)]).resolved()
     assert (cfg.data, cfg.arch, cfg.small_images, cfg.eval_every) == ("fashion-mnist", "resnet18", True, 1)
-    assert (cfg.width, cfg.res, cfg.blur, cfg.base_lr, cfg.eta) == (16, 28, False, 1.0, 0.02)
+    assert (cfg.width, cfg.res, cfg.blur, cfg.base_lr, cfg.eta) == (8, 28, False, 1.0, 0.02)
 
 
 def test_the_gpu_config_is_the_full_width_small_image_recipe():
