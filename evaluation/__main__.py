@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             encoders[args.checkpoint] = load_encoder(args.checkpoint, args.arch, args.res <= SMALL_IMAGE_MAX_RES)
         if args.baselines or not args.checkpoint:
             torch.manual_seed(0)
-            encoders[f"{args.arch} random init"] = load_encoder(None, args.arch, args.res <= SMALL_IMAGE_MAX_RES, args.width)
+            small = args.res <= SMALL_IMAGE_MAX_RES
+            encoders[f"{args.arch} random init"] = load_encoder(None, args.arch, small, args.width)
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluation: error: {err}", file=sys.stderr)
         return 2
