@@ -99,16 +99,21 @@ def make_loader(cfg: TrainConfig, world: World, data: str) -> TwoViewLoader:
     ))
 
 
+def build_encoder(cfg: TrainConfig) -> tuple[torch.nn.Module, int]:
+    return build_backbone(cfg.arch, small_images=bool(cfg.small_images), width=cfg.width)
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> BYOL:
-    encoder, feature_dim = build_backbone(cfg.arch, small_images=bool(cfg.small_images), width=cfg.width)
+    encoder, feature_dim = build_encoder(cfg)  # drawn first: random_init_encoder repeats exactly these draws
     byol = BYOL(encoder, feature_dim, cfg.hidden_dim, cfg.proj_dim, bn_per_view=cfg.bn_per_view)
     return byol.to(device, memory_format=torch.channels_last)
 
 
 def random_init_encoder(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The run's encoder as it was before training (same seed, same draws): the baseline training must beat."""
+    """The run's encoder as it was before training (same seed, same draws): the baseline training must beat.
+    Only the encoder is built: BYOL's heads and target copy would be thrown away."""
     seed_all(cfg.seed)
-    return build_model(cfg, device).online.encoder
+    return build_encoder(cfg)[0].to(device, memory_format=torch.channels_last)
 
 
 def cpu_has_native_bf16() -> bool:
