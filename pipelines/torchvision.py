@@ -17,7 +17,7 @@ drops each rank's last partial batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from pipelines.base import Batch, LoaderConfig
-from pipelines.gpu_augment import hsv_saturation
+from pipelines.gpu_augment import blur_matrices, gaussian_kernels, hsv_saturation
 from pipelines.imagefolder import ImageFolderIndex, load_index
 from pipelines.views import ViewRecipe, ViewSpec
 
@@ -69,6 +69,28 @@ class OfficialColorJitter(nn.Module):
         return v2.functional.adjust_hue(img, _draw(-strength, strength))  # exact HSV, as the official code
 
 
+class SeparableGaussianBlur(nn.Module):
+    """v2.GaussianBlur's result (same kernel, sigma ~ U[low, high] per call, reflect padding) on a float
+    (C, H, W) image, as a row pass and a column pass instead of a dense k x k convolution.
+
+    The dense 23 x 23 kernel costs 529 multiply-adds a pixel and made torchvision's blur about twice as
+    slow as the PIL `ImageFilter.GaussianBlur` that solo-learn's BYOL pipeline uses; the baseline must be
+    the fastest faithful pipeline a user would pick. Each pass is one matmul with a banded matrix
+    (gpu_augment's `blur_matrices`, shared so both loaders blur with the same kernel and padding).
+    """
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float]) -> None:
+        super().__init__()
+        self.kernel_size, self.sigma = kernel_size, sigma
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        sigma = torch.empty(1).uniform_(*self.sigma)  # torch's generator, seeded per DataLoader worker
+        kernel = gaussian_kernels(sigma, self.kernel_size, torch.ones(1, dtype=torch.bool))
+        rows = blur_matrices(kernel, img.shape[-2])[0]
+        cols = blur_matrices(kernel, img.shape[-1])[0]
+        return rows @ img @ cols.mT
+
+
 def colour_jitter(recipe: ViewRecipe, spec: ViewSpec) -> nn.Module:
     """The recipe's jitter mode for float images in [0, 1]."""
     strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
@@ -87,18 +109,22 @@ def view_transform(recipe: ViewRecipe, spec: ViewSpec) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.RandomApply([colour_jitter(recipe, spec)], p=spec.jitter_p),
         v2.RandomGrayscale(spec.grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(recipe.blur_kernel_size, sigma=spec.blur_sigma)], p=spec.blur_p),
+        v2.RandomApply([SeparableGaussianBlur(recipe.blur_kernel_size, spec.blur_sigma)], p=spec.blur_p),
         v2.RandomSolarize(spec.solarize_threshold, p=spec.solarize_p),
         v2.Normalize(recipe.mean, recipe.std),
     ])
 
 
+# Builds one view's transform (PIL image -> normalized float tensor); None: `view_transform`.
+ViewTransform = Callable[[ViewRecipe, ViewSpec], Callable[[Image.Image], torch.Tensor]] | None
+
+
 class TwoViewImageFolder(Dataset):
     """Sample i -> (view1, view2, label) from one decode of the image."""
 
-    def __init__(self, index: ImageFolderIndex, recipe: ViewRecipe):
+    def __init__(self, index: ImageFolderIndex, recipe: ViewRecipe, transform: ViewTransform = None):
         self.samples = index.samples
-        self.transforms = tuple(view_transform(recipe, spec) for spec in recipe.views)
+        self.transforms = tuple((transform or view_transform)(recipe, spec) for spec in recipe.views)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -133,13 +159,13 @@ class ShardSampler(Sampler[int]):
 class TorchvisionTwoViewLoader:
     """Iterates (view1, view2, labels) on `cfg.device`; `bad_files` lists the skipped files."""
 
-    def __init__(self, cfg: LoaderConfig, index: ImageFolderIndex):
+    def __init__(self, cfg: LoaderConfig, index: ImageFolderIndex, transform: ViewTransform = None):
         self.cfg = cfg
         self.index = index
         self.bad_files = index.bad_files
         self.sampler = ShardSampler(len(index.samples), cfg.rank, cfg.world_size, cfg.seed)
         self.loader = DataLoader(
-            TwoViewImageFolder(index, cfg.recipe), batch_size=cfg.batch_size, sampler=self.sampler,
+            TwoViewImageFolder(index, cfg.recipe, transform), batch_size=cfg.batch_size, sampler=self.sampler,
             num_workers=cfg.workers, persistent_workers=cfg.workers > 0, drop_last=cfg.drop_last,
             pin_memory=cfg.device.type == "cuda",
             # Per-rank worker seeds, so ranks draw different augmentations for their samples.
