@@ -1,35 +1,47 @@
-"""ImageFolder scanning (root/class/image) and the bad-file policy shared by every loader.
+"""ImageFolder scanning (root/class/image), the bad-file policy and the one RGB decode shared by every loader.
 
 Policy: files that cannot be decoded (zero-byte, truncated, not an image) are found by a pre-scan,
 left out of the sample list, counted and reported with their paths. Images that decode but are
-unusual (grayscale, CMYK, PNG named .JPEG, progressive JPEG) are kept: every loader decodes them
-to RGB.
+unusual (grayscale, CMYK, 16-bit, palette, PNG/GIF/WebP named .JPEG, progressive JPEG) are kept:
+every loader decodes them to the same RGB pixels (`open_rgb` on the PIL paths; a loader whose decoder
+cannot read a format, e.g. DALI and GIF, leaves those files out with a warning naming them). A file that
+vanishes or fails to decode during the run is skipped by the loader with a warning naming it.
 
 The pre-scan reads only each file's head and tail (two small reads), in a thread pool, so it stays
-fast on ImageNet-size folders: JPEG and PNG files must start with their signature and end with their
-end marker (JPEG EOI 0xFFD9, PNG IEND), which catches empty, truncated and non-image files without
-decoding. Other formats are checked by PIL's header parser and `verify()`.
+fast on ImageNet-size folders: the real format comes from the file's magic bytes (not its name), and
+JPEG and PNG files must end with their end marker (JPEG EOI 0xFFD9, PNG IEND), which catches empty,
+truncated and non-image files without decoding. Other formats are checked by PIL's header parser and
+`verify()`. Folders are walked following symlinks, each real folder once: a symlink loop or a second
+link to a folder already scanned is reported, not counted again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"IEND"
+HEAD_BYTES = 16
 # Encoders and cameras may append padding or metadata after the end marker; look this far back for it.
 TAIL_BYTES = 4096
+# Magic bytes -> format name (the name PIL reports), checked in order.
+MAGIC = (
+    (JPEG_SOI, "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
 
 
 @dataclass
@@ -38,6 +50,10 @@ class ImageFolderIndex:
     classes: list[str]
     samples: list[tuple[str, int]]  # (path, class index), sorted by path
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # Real format (from the magic bytes) of every kept sample that is not a JPEG; JPEG is the default,
+    # so an ImageNet-size index holds no per-file entry here.
+    formats: dict[str, str] = field(default_factory=dict)
+    links: list[str] = field(default_factory=list)  # symlinked folders seen twice (loops, duplicates)
 
     def report(self) -> str:
         if not self.bad_files:
@@ -47,45 +63,123 @@ class ImageFolderIndex:
         lines += [f"  {path}: {reason}" for path, reason in self.bad_files]
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """One start-up line: what the run reads, and how much was left out."""
+        skipped = f" ({len(self.bad_files):,} skipped, listed above)" if self.bad_files else ""
+        return f"data: {len(self.samples):,} images in {len(self.classes):,} classes under {self.root}{skipped}"
 
-def check_image_file(path: str) -> str | None:
-    """Return why `path` cannot be decoded, or None if it looks like a complete image."""
+    def format_of(self, path: str) -> str:
+        return self.formats.get(path, "JPEG")
+
+    def without(self, dropped: list[tuple[str, str]]) -> ImageFolderIndex:
+        """This index with the (path, reason) files moved from `samples` to `bad_files`."""
+        paths = {path for path, _ in dropped}
+        return replace(self, samples=[s for s in self.samples if s[0] not in paths],
+                       bad_files=[*self.bad_files, *dropped],
+                       formats={p: f for p, f in self.formats.items() if p not in paths})
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format `head` (a file's first bytes) starts with, or None if no known signature."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in MAGIC if head.startswith(magic)), None)
+
+
+def inspect_image_file(path: str) -> tuple[str | None, str | None]:
+    """(real format, None) for a file that looks like a complete image, else (format or None, why not)."""
     try:
         size = os.path.getsize(path)
         if size == 0:
-            return "empty file (0 bytes)"
+            return None, "empty file (0 bytes)"
         with open(path, "rb") as f:
-            head = f.read(len(PNG_SIGNATURE))
+            head = f.read(HEAD_BYTES)
             f.seek(max(0, size - TAIL_BYTES))
             tail = f.read()
     except OSError as err:
-        return f"cannot read: {err.strerror or err}"
-    if head.startswith(JPEG_SOI):
-        return None if JPEG_EOI in tail else "truncated JPEG (no end-of-image marker)"
-    if head.startswith(PNG_SIGNATURE):
-        return None if PNG_IEND in tail else "truncated PNG (no IEND chunk)"
+        return None, f"cannot read: {err.strerror or err}"
+    kind = sniff_format(head)
+    if kind == "JPEG":
+        return kind, None if JPEG_EOI in tail else "truncated JPEG (no end-of-image marker)"
+    if kind == "PNG":
+        return kind, None if PNG_IEND in tail else "truncated PNG (no IEND chunk)"
     return _check_with_pil(path)
 
 
-def _check_with_pil(path: str) -> str | None:
+def check_image_file(path: str) -> str | None:
+    """Return why `path` cannot be decoded, or None if it looks like a complete image."""
+    return inspect_image_file(path)[1]
+
+
+def _check_with_pil(path: str) -> tuple[str | None, str | None]:
     try:
         with Image.open(path) as img:
+            kind = img.format
             img.verify()
     except UnidentifiedImageError:
-        return "not an image (unknown format)"
+        return None, "not an image (unknown format)"
     except (OSError, SyntaxError, ValueError) as err:
-        return f"corrupt image ({err})"
-    return None
+        return None, f"corrupt image ({err})"
+    return kind, None
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """The file decoded to 8-bit RGB the same way on every PIL path (and as DALI's decoder does):
+    EXIF orientation applied, 16-bit and 32-bit samples scaled to 8 bits (PIL's own conversion clips
+    them, so a 16-bit PNG came out white), palette, gray, LA, CMYK converted to RGB (alpha dropped)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = Image.fromarray(_to_uint8(np.asarray(img), 65535), mode="L")
+        elif img.mode == "F":
+            img = Image.fromarray(_to_uint8(np.asarray(img), 1.0), mode="L")
+        return img.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:
+    return np.clip(np.rint(values.astype(np.float64) * (255 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def inspect_files(paths: list[str], workers: int = 16) -> list[tuple[str | None, str | None]]:
+    """`inspect_image_file` of every path, in input order. Threads suit this: small reads release the GIL."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(inspect_image_file, paths, chunksize=256))
 
 
 def find_unreadable(paths: list[str], workers: int = 16) -> list[tuple[str, str]]:
-    """(path, reason) for every file in `paths` that cannot be decoded, in input order.
+    """(path, reason) for every file in `paths` that cannot be decoded, in input order."""
+    results = inspect_files(paths, workers)
+    return [(path, reason) for path, (_, reason) in zip(paths, results, strict=True) if reason is not None]
 
-    Threads suit this: the work is small reads that release the GIL.
-    """
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = pool.map(check_image_file, paths, chunksize=256)
-        return [(path, reason) for path, reason in zip(paths, reasons, strict=True) if reason is not None]
+
+def _walk_once(top: Path, seen: dict[tuple[int, int], str], links: list[str]) -> list[str]:
+    """Image files under `top`, following symlinks but entering each real folder once: `seen` maps
+    (st_dev, st_ino) of every folder entered to its path; a folder met again is noted in `links`."""
+    found = []
+    pending = [str(top)]
+    while pending:
+        folder = pending.pop()
+        try:
+            stat = os.stat(folder)
+        except OSError as err:
+            links.append(f"{folder}: cannot enter ({err.strerror or err})")
+            continue
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen:
+            links.append(f"{folder} is the folder {seen[key]} again (symlink); its images are counted once")
+            continue
+        seen[key] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as err:
+            links.append(f"{folder}: cannot list ({err.strerror or err})")
+            continue
+        for entry in entries:
+            if entry.is_dir():  # follows symlinks
+                pending.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(entry.path)
+    return found
 
 
 def scan_image_folder(root: str | os.PathLike, *, validate: bool = True) -> ImageFolderIndex:
@@ -102,28 +196,42 @@ def scan_image_folder(root: str | os.PathLike, *, validate: bool = True) -> Imag
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; expected root/<class>/<image>")
-    samples = []
-    for index, name in enumerate(classes):
-        for dirpath, _, files in os.walk(root / name, followlinks=True):
-            for fname in files:
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, fname), index))
+    seen: dict[tuple[int, int], str] = {}
+    links: list[str] = []
+    samples = [(path, index) for index, name in enumerate(classes) for path in _walk_once(root / name, seen, links)]
     if not samples:
         raise ValueError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
     samples.sort()
-    bad_files = find_unreadable([path for path, _ in samples]) if validate else []
+    if not validate:
+        return ImageFolderIndex(root=root, classes=classes, samples=samples, links=links)
+    results = inspect_files([path for path, _ in samples])
+    bad_files = [(path, reason) for (path, _), (_, reason) in zip(samples, results, strict=True) if reason]
+    formats = {path: kind for (path, _), (kind, reason) in zip(samples, results, strict=True)
+               if not reason and kind != "JPEG"}
     if bad_files:
         bad = {path for path, _ in bad_files}
         samples = [sample for sample in samples if sample[0] not in bad]
     if not samples:
         raise ValueError(f"{root}: none of the {len(bad_files)} image files can be decoded, e.g. "
                          f"{bad_files[0][0]}: {bad_files[0][1]}")
-    return ImageFolderIndex(root=root, classes=classes, samples=samples, bad_files=bad_files)
+    return ImageFolderIndex(root=root, classes=classes, samples=samples, bad_files=bad_files, formats=formats,
+                            links=links)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched world (RANK, set by train.py's launcher and torchrun), or a lone process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def load_index(root: str | os.PathLike) -> ImageFolderIndex:
-    """Scan and validate `root`, logging the skipped files with their paths (one warning)."""
+    """Scan and validate `root`; on the main process, warn about skipped files and symlinked folders
+    seen twice (one warning each, with their paths) and print the one-line `summary`."""
     index = scan_image_folder(root)
-    if index.bad_files:
-        log.warning("%s", index.report())
+    if is_main_process():
+        if index.links:
+            log.warning("%s: symlinked folders met more than once (a loop or a second link), scanned once:\n%s",
+                        index.root, "\n".join(f"  {line}" for line in index.links))
+        if index.bad_files:
+            log.warning("%s", index.report())
+        print(index.summary(), file=sys.stderr, flush=True)
     return index
