@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from models.backbones import SMALL_IMAGE_MAX_RES
+from models.optim import OPTIMIZERS
 from pipelines.registry import default_loader
 from pipelines.views import JITTER_MODES
 
@@ -53,7 +54,8 @@ class TrainConfig:
     batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)")
     epochs: int = option(100, "training epochs")
     steps: int | None = option(None, "stop after this many optimizer steps (schedule still spans them)")
-    optimizer: str = option("lars", "optimizer", ("lars", "lars-reference", "lamb", "sgd"))
+    optimizer: str = option("lars", "optimizer (lars-loop: the fused lars's formula one parameter at a time, "
+                            "the reference; torch-optimizer-lars: the LARC formula)", OPTIMIZERS)
     base_lr: float | None = option(None, "lr per 256 images (recipe: 0.2 @1000 ep, 0.3 @300, 0.45 @<=100; "
                                    "small images: 1.0)")
     weight_decay: float | None = option(None, "weight decay (recipe: 1.5e-6 @1000 ep, else 1e-6; small images: 1e-5)")

@@ -133,6 +133,26 @@ class LARS(Optimizer):
             torch._foreach_add_(params, updates, alpha=-lr)
 
 
+class PerParameterLARS(LARS):
+    """The same formula as `LARS`, one parameter at a time with plain tensor ops (no `_foreach_*`, no
+    concatenation): the reference the benchmark times the fusion against and checks it with.
+
+    Like `LARS` it never reads a value back to the host, so the two differ only in kernel count.
+    """
+
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        for param, buffer in zip(params, self._momentum_buffers(params), strict=True):
+            update = param.grad.add(param, alpha=group["weight_decay"]) if group["weight_decay"] else param.grad
+            if group["lars_adapt"]:
+                param_norm, update_norm = param.norm(), update.norm()
+                ratio = torch.where((param_norm > 0) & (update_norm > 0), group["eta"] * param_norm / update_norm,
+                                    torch.ones_like(param_norm))
+                update = update * ratio
+            if group["momentum"]:
+                update = buffer.mul_(group["momentum"]).add_(update)
+            param.sub_(update * group["lr"])
+
+
 def set_lr(optimizer: Optimizer, lr: float) -> None:
     """Set every group's lr; tensor lrs are filled in place (no host sync, no recompile)."""
     for group in optimizer.param_groups:

@@ -1,6 +1,7 @@
-"""--optimizer choices. `lars` (the default) is the fused official-semantics LARS; the others come
-from torch-optimizer: `lars-reference` is its per-parameter LARC-style LARS (the baseline the
-benchmarks compare against), `lamb` its LAMB."""
+"""--optimizer choices. `lars` (the default) is the fused official-semantics LARS; `lars-loop` is the
+same formula one parameter at a time (the reference the benchmark measures the fusion against);
+`torch-optimizer-lars` is the LARS users would otherwise pick (torch-optimizer's, the LARC formula
+r = eta ||p|| / (||g|| + wd ||p||)), `lamb` torch-optimizer's LAMB, `sgd` torch's SGD."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from collections.abc import Iterable
 import torch
 import torch_optimizer
 
-from models.lars import LARS, split_1d_params
+from models.lars import LARS, PerParameterLARS, split_1d_params
 
-OPTIMIZERS = ("lars", "lars-reference", "lamb", "sgd")
+OPTIMIZERS = ("lars", "lars-loop", "torch-optimizer-lars", "lamb", "sgd")
 
 
 def build_optimizer(
@@ -25,13 +26,14 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Every choice excludes 1-D tensors (biases, norm weights) from weight decay (and trust ratio)."""
     groups = split_1d_params([{"params": list(params)}])
-    if name == "lars":
+    if name in ("lars", "lars-loop"):
         # A device tensor lr lets the compiled step read the schedule without recompiling.
         lr_tensor = torch.tensor(lr, dtype=torch.float32, device=device)
-        return LARS(groups, lr=lr_tensor, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude_1d=False)
+        kind = LARS if name == "lars" else PerParameterLARS
+        return kind(groups, lr=lr_tensor, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude_1d=False)
     for group in groups:
         group.pop("lars_adapt", None)
-    if name == "lars-reference":
+    if name == "torch-optimizer-lars":
         return torch_optimizer.LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=eta)
     if name == "lamb":
         return torch_optimizer.Lamb(groups, lr=lr, weight_decay=weight_decay)

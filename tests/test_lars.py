@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch_optimizer
 
-from models.lars import LARS, scale_each, set_lr, split_1d_params
+from models.lars import LARS, PerParameterLARS, scale_each, set_lr, split_1d_params
 
 
 def reference_lars_step(params, grads, buffers, lr, momentum, weight_decay, eta, adapt):
@@ -39,15 +39,17 @@ def make_grads(params, step: int) -> list[torch.Tensor]:
     return grads
 
 
+@pytest.mark.parametrize("kind", [LARS, PerParameterLARS])
 @pytest.mark.parametrize("lr_as_tensor", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_matches_per_parameter_loop(lr_as_tensor, weight_decay):
+def test_matches_per_parameter_loop(kind, lr_as_tensor, weight_decay):
+    """The fused optimizer and the benchmark's loop (`lars-loop`) both follow the recipe's formula."""
     lr, momentum, eta = 0.7, 0.9, 1e-3
     params = [p.clone().requires_grad_() for p in make_params()]
     ref_params = [p.clone() for p in make_params()]
     ref_buffers = [torch.zeros_like(p) for p in ref_params]
     adapt = [p.ndim > 1 for p in ref_params]
-    opt = LARS(params, lr=torch.tensor(lr, dtype=torch.float64) if lr_as_tensor else lr,
+    opt = kind(params, lr=torch.tensor(lr, dtype=torch.float64) if lr_as_tensor else lr,
                momentum=momentum, weight_decay=weight_decay, eta=eta)
     for step in range(5):
         grads = make_grads(ref_params, step)
