@@ -140,6 +140,40 @@ def _to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:
     return np.clip(np.rint(values.astype(np.float64) * (255 / full_scale)), 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A sample that failed to load during the run, after the scan passed it (deleted, corrupt body)."""
+
+    path: str
+    reason: str
+
+
+# What PIL raises for a missing, unreadable or corrupt file (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_rgb(path: str) -> Image.Image | Unreadable:
+    """`open_rgb(path)`, or what went wrong: loaders skip such a sample instead of stopping the run."""
+    try:
+        return open_rgb(path)
+    except FileNotFoundError:
+        return Unreadable(path, "the file no longer exists (deleted after the scan)")
+    except DECODE_ERRORS as err:
+        return Unreadable(path, f"cannot decode ({err})")
+
+
+class SkipLog:
+    """Files a loader skipped during the run (`skipped`: (path, reason)), each warned about once by name."""
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[str, str]] = []
+
+    def add(self, item: Unreadable) -> None:
+        self.skipped.append((item.path, item.reason))
+        log.warning("skipped %s: %s; %d file(s) skipped during this run so far", item.path, item.reason,
+                    len(self.skipped))
+
+
 def inspect_files(paths: list[str], workers: int = 16) -> list[tuple[str | None, str | None]]:
     """`inspect_image_file` of every path, in input order. Threads suit this: small reads release the GIL."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -1,9 +1,11 @@
 """The baseline users would otherwise pick: PIL decode + torchvision.transforms.v2 in DataLoader workers.
 
-Each image is decoded once (PIL, converted to RGB) and both views are built from that decode with
-the per-sample transforms of the recipe; the batch is then moved to `cfg.device`, made channels_last
-and cast to `cfg.dtype` in the main process. Same sample list and bad-file policy as every loader
-(pipelines/imagefolder.py).
+Each image is decoded once (pipelines.imagefolder.open_rgb: the RGB pixels every loader gets) and both
+views are built from that decode with the per-sample transforms of the recipe; the batch is then moved
+to `cfg.device`, made channels_last and cast to `cfg.dtype` in the main process. Same sample list and
+bad-file policy as every loader (pipelines/imagefolder.py). A file that fails to load during the run
+(deleted after the scan, a corrupt body behind intact markers) is left out of its batch, which comes
+out one sample short, with a warning naming it; `skipped` lists them.
 
 Colour jitter is the recipe's mode (pipelines/views.py) exactly: v2.ColorJitter for "torchvision",
 `OfficialColorJitter` for "official", both on float images after the PIL crop and flip, the four
@@ -22,12 +24,12 @@ from collections.abc import Callable, Iterator
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from pipelines.base import Batch, LoaderConfig
 from pipelines.gpu_augment import blur_matrices, gaussian_kernels, hsv_saturation
-from pipelines.imagefolder import ImageFolderIndex, load_index
+from pipelines.imagefolder import ImageFolderIndex, SkipLog, Unreadable, load_index, read_rgb
 from pipelines.views import ViewRecipe, ViewSpec
 
 
@@ -129,12 +131,20 @@ class TwoViewImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int] | Unreadable:
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
+        rgb = read_rgb(path)
+        if isinstance(rgb, Unreadable):
+            return rgb  # left out of the batch by `collate_skipping`, reported by the main process
         view1, view2 = (transform(rgb) for transform in self.transforms)
         return view1, view2, label
+
+
+def collate_skipping(samples: list) -> tuple[list | None, list[Unreadable]]:
+    """(the collated batch of the samples that loaded, or None if none did; the ones that did not)."""
+    failed = [sample for sample in samples if isinstance(sample, Unreadable)]
+    loaded = [sample for sample in samples if not isinstance(sample, Unreadable)]
+    return (default_collate(loaded) if loaded else None), failed
 
 
 class ShardSampler(Sampler[int]):
@@ -163,11 +173,12 @@ class TorchvisionTwoViewLoader:
         self.cfg = cfg
         self.index = index
         self.bad_files = index.bad_files
+        self.runtime_skips = SkipLog()
         self.sampler = ShardSampler(len(index.samples), cfg.rank, cfg.world_size, cfg.seed)
         self.loader = DataLoader(
             TwoViewImageFolder(index, cfg.recipe, transform), batch_size=cfg.batch_size, sampler=self.sampler,
             num_workers=cfg.workers, persistent_workers=cfg.workers > 0, drop_last=cfg.drop_last,
-            pin_memory=cfg.device.type == "cuda",
+            pin_memory=cfg.device.type == "cuda", collate_fn=collate_skipping,
             # Per-rank worker seeds, so ranks draw different augmentations for their samples.
             generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + cfg.rank),
         )
@@ -175,12 +186,22 @@ class TorchvisionTwoViewLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files that failed to load during the run, in the order met."""
+        return self.runtime_skips.skipped
+
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         device, dtype = self.cfg.device, self.cfg.dtype
-        for view1, view2, labels in self.loader:
+        for batch, failed in self.loader:
+            for item in failed:
+                self.runtime_skips.add(item)
+            if batch is None:
+                continue
+            view1, view2, labels = batch
             yield (
                 view1.to(device, non_blocking=True).to(dtype, memory_format=torch.channels_last),
                 view2.to(device, non_blocking=True).to(dtype, memory_format=torch.channels_last),
