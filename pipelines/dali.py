@@ -41,12 +41,25 @@ Epochs: files are pre-shuffled with `cfg.seed`, then the reader reshuffles the w
 epoch with the same permutation on every rank (`shuffle_after_epoch`) and gives each rank a
 contiguous shard, so each sample is read exactly once per epoch across ranks. `drop_last=True`
 drops each rank's last partial batch; `drop_last=False` returns it partial (LastBatchPolicy.PARTIAL).
+
+Files DALI cannot read: the scan (pipelines/imagefolder.py) knows each file's real format from its
+magic bytes, and files whose format DALI's decoder lacks (GIF, even named .JPEG) are left out with a
+warning naming them, as the unreadable ones are. A file that vanishes or breaks during the run fails
+the whole pipeline (DALI cannot skip one sample inside its graph), so the loader finds it: the file
+DALI's error names (the reader names a file it cannot open), else the shard's files that are missing
+or fail the scan's checks now. It drops them with a warning naming each (`skipped` lists them),
+rebuilds the pipeline for the same epoch and goes on after the batches this epoch already gave (the
+rest of the epoch is drawn from the new file list, so a few samples may come twice or not at all in
+it). A decode failure in a file that still passes the checks (a corrupt body behind intact markers)
+stops the run with one line that says so and names the way on: `--loader torchvision`, which skips
+such files one by one, naming each.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -58,7 +71,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.base import Batch, LoaderConfig
 from pipelines.gpu_augment import HUE_RADIANS_PER_TURN, ColourBasis
-from pipelines.imagefolder import ImageFolderIndex, load_index
+from pipelines.imagefolder import ImageFolderIndex, SkipLog, Unreadable, inspect_files, load_index
 from pipelines.views import ViewRecipe, ViewSpec
 
 READER = "Reader"
@@ -74,6 +87,8 @@ PREALLOCATE_HEIGHT_HINT = 6430
 # H100: 7); the rest decode with CUDA nvJPEG on the SMs, which the training step needs. 0.65 is
 # DALI's default, tuned on A100; not yet measured on an H100.
 HW_DECODER_LOAD = 0.65
+# Real formats (pipelines.imagefolder's names) DALI's image decoder reads; GIF is not one of them.
+DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM")
 
 
 class DaliLoaderError(RuntimeError):
@@ -360,6 +375,7 @@ class DaliTwoViewLoader:
         self.cfg = cfg
         self.index = index
         self.bad_files = index.bad_files
+        self.runtime_skips = SkipLog()
         self._gpu = cfg.device.type == "cuda"
         self._dtype = _dali_dtype(cfg.dtype)
         self._epoch = 0
@@ -395,15 +411,43 @@ class DaliTwoViewLoader:
             self._iterator = self._build(start_epoch=epoch)
             self._epoch = epoch
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files dropped during the run, in the order met."""
+        return self.runtime_skips.skipped
+
     def __iter__(self) -> Iterator[Batch]:
-        try:
-            for batch in self._iterator:
-                yield self._to_torch(batch[0])
-        except StopIteration:
-            return
-        except RuntimeError as err:
-            raise DaliLoaderError(f"DALI failed while loading {self.index.root}: {_reason(err)}") from err
+        given = 0  # batches of this epoch already yielded
+        while True:
+            try:
+                for batch in itertools.islice(self._iterator, given, None):
+                    given += 1
+                    yield self._to_torch(batch[0])
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                self._drop_failed_files(err)
+                # The failed pipeline is no longer valid: the same epoch from the new file list, after
+                # the batches it already gave (islice above draws and discards them).
+                self._iterator = self._build(start_epoch=self._epoch)
+                continue
+            break
         self._epoch += 1
+
+    def _drop_failed_files(self, err: RuntimeError) -> None:
+        """Take the files behind a run-time DALI failure out of the index (warning with each one's name),
+        or raise DaliLoaderError when none can be found."""
+        failed = _failed_files(err, [path for path, _ in self.index.samples])
+        if not failed:
+            raise DaliLoaderError(
+                f"DALI failed while loading {self.index.root}: {_reason(err)}; no file of it is missing or fails "
+                "the scan's checks, so a file with intact markers but a corrupt body is likely: train with "
+                "--loader torchvision, which skips such files one by one, naming each") from err
+        for path, reason in failed:
+            self.runtime_skips.add(Unreadable(path, reason))
+        self.index = self.index.without(failed)
+        if not self.index.samples:
+            raise DaliLoaderError(f"DALI: no readable file is left in {self.index.root}") from err
 
     def _to_torch(self, outputs: dict[str, torch.Tensor]) -> Batch:
         device, dtype = self.cfg.device, self.cfg.dtype
@@ -414,6 +458,25 @@ class DaliTwoViewLoader:
         return view1, view2, labels
 
 
+def _failed_files(err: RuntimeError, paths: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) of the files behind DALI error `err` among `paths`: files deleted since the scan
+    when the error names a file that is gone (the reader names a file it cannot open; checking only
+    for existence keeps this quick on ImageNet), else every file that now fails the scan's checks or
+    is in a format DALI cannot decode (the decoder does not name its file)."""
+    message = str(err)
+    named = max((path for path in paths if path in message), key=len, default=None)
+    if named is not None and not os.path.exists(named):
+        return [(path, "the file no longer exists (deleted after the scan)") for path in paths
+                if not os.path.exists(path)]
+    failed = []
+    for path, (kind, reason) in zip(paths, inspect_files(paths), strict=True):
+        if reason is None and kind not in DECODABLE_FORMATS:
+            reason = f"now a {kind} file, which DALI cannot decode"
+        if reason is not None:
+            failed.append((path, reason))
+    return failed
+
+
 def build_loader(cfg: LoaderConfig) -> DaliTwoViewLoader:
-    index = load_index(cfg.data)
+    index = load_index(cfg.data, decoder=("DALI", DECODABLE_FORMATS))
     return DaliTwoViewLoader(cfg, index)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,12 +72,26 @@ class ImageFolderIndex:
     def format_of(self, path: str) -> str:
         return self.formats.get(path, "JPEG")
 
+    def readable_by(self, decoder: str, formats: Collection[str]) -> ImageFolderIndex:
+        """This index without the samples whose real format `decoder` cannot decode (moved to `bad_files`)."""
+        dropped = [(path, f"{kind} image{_misnamed(path, kind)}: {decoder} cannot decode {kind}; "
+                          "--loader torchvision reads it")
+                   for path, kind in self.formats.items() if kind not in formats]
+        return self.without(sorted(dropped)) if dropped else self
+
     def without(self, dropped: list[tuple[str, str]]) -> ImageFolderIndex:
         """This index with the (path, reason) files moved from `samples` to `bad_files`."""
         paths = {path for path, _ in dropped}
         return replace(self, samples=[s for s in self.samples if s[0] not in paths],
                        bad_files=[*self.bad_files, *dropped],
                        formats={p: f for p, f in self.formats.items() if p not in paths})
+
+
+def _misnamed(path: str, kind: str) -> str:
+    """' named .JPEG' where the file's name claims another format than its bytes, else ''."""
+    suffix = os.path.splitext(path)[1]
+    same = {"JPEG": (".jpg", ".jpeg"), "TIFF": (".tif", ".tiff")}.get(kind, (f".{kind.lower()}",))
+    return "" if suffix.lower() in same else f" named {suffix}"
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -257,10 +272,16 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def load_index(root: str | os.PathLike) -> ImageFolderIndex:
+def load_index(root: str | os.PathLike, decoder: tuple[str, Collection[str]] | None = None) -> ImageFolderIndex:
     """Scan and validate `root`; on the main process, warn about skipped files and symlinked folders
-    seen twice (one warning each, with their paths) and print the one-line `summary`."""
+    seen twice (one warning each, with their paths) and print the one-line `summary`.
+
+    decoder: (name, the formats it decodes) of a loader that cannot read every format PIL can: the
+    other files are skipped and listed with the unreadable ones.
+    """
     index = scan_image_folder(root)
+    if decoder is not None:
+        index = index.readable_by(*decoder)
     if is_main_process():
         if index.links:
             log.warning("%s: symlinked folders met more than once (a loop or a second link), scanned once:\n%s",

@@ -82,3 +82,58 @@ def test_torchvision_skips_files_that_vanish_or_break_after_the_scan(tmp_path, c
     messages = "\n".join(record.getMessage() for record in caplog.records)
     assert str(paths[2]) in messages and "no longer exists" in messages
     assert str(broken) in messages and "cannot decode" in messages
+
+
+def _dali_loader(root: Path, **overrides):
+    pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
+    from pipelines.dali import build_loader
+
+    return build_loader(LoaderConfig(str(root), batch_size=4, workers=1, drop_last=False,
+                                     recipe=BYOL_VIEWS.with_overrides(res=RES), **overrides))
+
+
+@pytest.mark.timeout(120)
+def test_dali_drops_files_deleted_after_the_scan_and_goes_on(tmp_path, caplog):
+    """The reader's error names one deleted file; the loader drops every deleted one (warning with each
+    name), rebuilds and finishes the epoch. Enough files that DALI has not read them all ahead."""
+    paths = _folder(tmp_path, count=80)
+    loader = _dali_loader(tmp_path)
+    deleted = paths[41::2]
+    for path in deleted:
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+        batches = [labels.numel() for _, _, labels in loader]
+    assert sorted(path for path, _ in loader.skipped) == sorted(map(str, deleted))
+    assert len(loader.index.samples) == 80 - len(deleted) and len(batches) == len(loader)
+    messages = "\n".join(record.getMessage() for record in caplog.records)
+    assert all(str(path) in messages for path in deleted)
+    assert sum(labels.numel() for _, _, labels in loader) == 80 - len(deleted)  # the next epoch: all the rest
+
+
+@pytest.mark.timeout(120)
+def test_dali_drops_a_file_that_becomes_undecodable_after_the_scan(tmp_path, caplog):
+    """DALI's decoder names no file: the loader re-checks the files and finds the one that is now a GIF."""
+    paths = _folder(tmp_path, count=80)
+    loader = _dali_loader(tmp_path)
+    for path in paths[40:]:
+        Image.open(path).convert("P").save(path, format="GIF")
+    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+        total = sum(labels.numel() for _, _, labels in loader)
+    assert total > 0 and sorted(path for path, _ in loader.skipped) == sorted(map(str, paths[40:]))
+    assert "GIF file, which DALI cannot decode" in loader.skipped[0][1]
+
+
+@pytest.mark.timeout(60)
+def test_dali_failure_with_no_file_to_blame_is_one_clear_error(tmp_path, monkeypatch):
+    import pipelines.dali as dali
+
+    _folder(tmp_path)
+    loader = _dali_loader(tmp_path)
+
+    def failing():
+        raise RuntimeError("Critical error in pipeline:\nencountered:\nnvImageCodec failure: '#4'\n")
+        yield
+
+    monkeypatch.setattr(loader, "_iterator", failing())
+    with pytest.raises(dali.DaliLoaderError, match=r"nvImageCodec failure: '#4'; no file of it .*--loader torchvision"):
+        next(iter(loader))
