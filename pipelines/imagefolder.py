@@ -203,7 +203,8 @@ def find_unreadable(paths: list[str], workers: int = 16) -> list[tuple[str, str]
 
 def _walk_once(top: Path, seen: dict[tuple[int, int], str], links: list[str]) -> list[str]:
     """Image files under `top`, following symlinks but entering each real folder once: `seen` maps
-    (st_dev, st_ino) of every folder entered to its path; a folder met again is noted in `links`."""
+    (st_dev, st_ino) of every folder entered (and of the root and every class folder, entered as
+    themselves only) to its path; a folder met again is noted in `links`."""
     found = []
     pending = [str(top)]
     while pending:
@@ -214,7 +215,7 @@ def _walk_once(top: Path, seen: dict[tuple[int, int], str], links: list[str]) ->
             links.append(f"{folder}: cannot enter ({err.strerror or err})")
             continue
         key = (stat.st_dev, stat.st_ino)
-        if key in seen:
+        if key in seen and seen[key] != folder:
             links.append(f"{folder} is the folder {seen[key]} again (symlink); its images are counted once")
             continue
         seen[key] = folder
@@ -231,6 +232,11 @@ def _walk_once(top: Path, seen: dict[tuple[int, int], str], links: list[str]) ->
     return found
 
 
+def _folder_key(folder: Path) -> tuple[int, int]:
+    stat = os.stat(folder)
+    return stat.st_dev, stat.st_ino
+
+
 def scan_image_folder(root: str | os.PathLike, *, validate: bool = True) -> ImageFolderIndex:
     """List root/<class>/<image> files; raise ValueError with a clear message for bad roots.
 
@@ -245,7 +251,8 @@ def scan_image_folder(root: str | os.PathLike, *, validate: bool = True) -> Imag
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; expected root/<class>/<image>")
-    seen: dict[tuple[int, int], str] = {}
+    # A link from inside a class to the root or another class would relabel that class's images.
+    seen = {_folder_key(folder): str(folder) for folder in (root, *(root / name for name in classes))}
     links: list[str] = []
     samples = [(path, index) for index, name in enumerate(classes) for path in _walk_once(root / name, seen, links)]
     if not samples:

@@ -137,3 +137,137 @@ def test_dali_failure_with_no_file_to_blame_is_one_clear_error(tmp_path, monkeyp
     monkeypatch.setattr(loader, "_iterator", failing())
     with pytest.raises(dali.DaliLoaderError, match=r"nvImageCodec failure: '#4'; no file of it .*--loader torchvision"):
         next(iter(loader))
+
+
+# --- item 6: the real format behind the name ---------------------------------------------------------------
+
+
+def _misnamed_folder(root: Path) -> dict[str, Path]:
+    """A folder with a palette GIF, a WebP and a PNG all named .JPEG, beside plain PNGs."""
+    _folder(root, count=4)
+    files = {kind: root / "class_0" / f"{kind.lower()}_named.JPEG" for kind in ("GIF", "WEBP", "PNG")}
+    for kind, path in files.items():
+        Image.fromarray(_pixels(9)).convert("P" if kind == "GIF" else "RGB").save(path, format=kind)
+    return files
+
+
+def test_scan_records_the_real_format_from_the_magic_bytes(tmp_path):
+    files = _misnamed_folder(tmp_path)
+    index = scan_image_folder(tmp_path)
+    assert {kind: index.format_of(str(path)) for kind, path in files.items()} == {k: k for k in files}
+    assert index.format_of(str(tmp_path / "class_0" / "img_0.png")) == "PNG"
+
+
+@pytest.mark.timeout(120)
+def test_dali_leaves_out_a_gif_named_jpeg_with_a_warning_and_reads_the_rest(tmp_path, caplog):
+    files = _misnamed_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+        loader = _dali_loader(tmp_path)
+    assert [path for path, _ in loader.bad_files] == [str(files["GIF"])]
+    assert "GIF image named .JPEG: DALI cannot decode GIF" in loader.bad_files[0][1]
+    assert str(files["GIF"]) in caplog.text
+    assert sum(labels.numel() for _, _, labels in loader) == 4 + 2  # the WebP and PNG named .JPEG decode
+
+
+@pytest.mark.timeout(60)
+def test_torchvision_reads_a_gif_named_jpeg(tmp_path):
+    from pipelines.torchvision import build_loader
+
+    _misnamed_folder(tmp_path)
+    loader = build_loader(LoaderConfig(str(tmp_path), batch_size=4, workers=0, drop_last=False,
+                                       recipe=BYOL_VIEWS.with_overrides(res=RES)))
+    assert not loader.bad_files and sum(labels.numel() for _, _, labels in loader) == 7 and not loader.skipped
+
+
+# --- item 7: symlink loops and the start-up count ----------------------------------------------------------
+
+
+def test_symlink_loop_is_scanned_once_and_reported(tmp_path, caplog, capsys):
+    _folder(tmp_path, count=6)
+    os.symlink("..", tmp_path / "class_0" / "loop")  # class_0/loop/class_0/loop/... : 40 levels before ELOOP
+    os.symlink(tmp_path / "class_1", tmp_path / "class_0" / "again")
+    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+        index = load_index(tmp_path)
+    assert len(index.samples) == 6
+    assert [label for _, label in index.samples].count(0) == 3
+    assert "loop" in caplog.text and "again" in caplog.text and "counted once" in caplog.text
+    assert "data: 6 images in 2 classes" in capsys.readouterr().err
+
+
+def test_start_up_line_counts_images_classes_and_skipped_files(tmp_path, capsys):
+    _folder(tmp_path, count=5)
+    (tmp_path / "class_0" / "empty.JPEG").write_bytes(b"")
+    load_index(tmp_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data:")]
+    assert lines == [f"data: 5 images in 2 classes under {tmp_path} (1 skipped, listed above)"]
+
+
+def test_start_up_line_only_on_rank_0(tmp_path, capsys, monkeypatch):
+    _folder(tmp_path, count=2)
+    monkeypatch.setenv("RANK", "1")
+    load_index(tmp_path)
+    assert "data:" not in capsys.readouterr().err
+
+
+# --- item 8: the same pixels on every decode path ----------------------------------------------------------
+
+
+def _dali_cpu_decode(path: Path) -> np.ndarray:
+    pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        raw, _ = fn.readers.file(files=[str(path)])
+        return fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    return np.asarray(pipe.run()[0].as_array()[0])
+
+
+def _exif_rotated_jpeg(path: Path) -> None:
+    image = Image.fromarray(_pixels(3, (24, 40, 3)))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(path, exif=exif, quality=95)
+
+
+def _gray16_png(path: Path) -> None:
+    Image.fromarray(np.linspace(0, 65535, 24 * 40).reshape(24, 40).astype(np.uint16)).save(path)
+
+
+# (file maker, largest allowed difference in 8-bit levels): PIL keeps only the high byte of 16-bit RGB
+# (DALI rounds), so one level there; the others are the same libjpeg-turbo / zlib decode, so exact.
+PIXEL_CASES = {
+    "exif_rotated.jpg": (_exif_rotated_jpeg, 0),
+    "gray16.png": (_gray16_png, 0),
+    "rgb16.png": (lambda path: _png16(path, np.random.default_rng(4).integers(0, 65536, (24, 40, 3))), 1),
+    "palette.png": (lambda path: Image.fromarray(_pixels(5)).convert("P").save(path), 0),
+    "gray_alpha.png": (lambda path: Image.fromarray(_pixels(6)).convert("LA").save(path), 0),
+    "cmyk.jpg": (lambda path: Image.fromarray(_pixels(8)).convert("CMYK").save(path, quality=95), 0),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", PIXEL_CASES)
+def test_open_rgb_gives_dalis_pixels(tmp_path, name):
+    make, tolerance = PIXEL_CASES[name]
+    path = tmp_path / name
+    make(path)
+    expected = _dali_cpu_decode(path).astype(int)
+    got = np.asarray(open_rgb(path)).astype(int)
+    assert got.shape == expected.shape  # EXIF: both rotated to (40, 24)
+    assert np.abs(got - expected).max() <= tolerance
+
+
+@pytest.mark.timeout(60)
+def test_16_bit_png_is_not_white_in_the_evaluation_set(tmp_path):
+    """The evaluation's centre crops decode through open_rgb too (16-bit PNGs used to come out 255)."""
+    from evaluation.data import FolderSet
+
+    for label in range(2):
+        (tmp_path / f"class_{label}").mkdir()
+        _gray16_png(tmp_path / f"class_{label}" / "gray16.png")
+    images, _ = next(FolderSet(str(tmp_path), workers=0).batches(2, 16))
+    assert 100 < images.float().mean() < 155  # a 0..65535 ramp: mid-grey on average, not 255
