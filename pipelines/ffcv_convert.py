@@ -10,24 +10,36 @@ Defaults: 'jpg' for folders (the loader's job is decoding JPEGs fast); 'raw' for
 whose 28x28 images (stored as 3-channel RGB, 2.3 KB each) gain nothing from JPEG but its loss
 and decode cost.
 
-Unreadable files are found by the ImageFolder pre-scan, skipped and listed. The output appears
-atomically: the writer fills a hidden temp file next to --out that is renamed into place only
-when complete and removed on any failure or Ctrl-C.
+Unreadable files are found by the ImageFolder pre-scan, skipped and listed; a file that passes
+the scan but cannot be decoded when it is written (deleted since, or a corrupt body between
+intact markers) is skipped too, with a warning naming it, and counted in the summary. Images
+are resized so the longest side is at most --max-res, keeping at least 1 px on every side.
+
+The output appears atomically: the writer fills a hidden temp file next to --out that is renamed
+into place only when complete. --out is checked before any work (its folder must accept a new
+file; an existing file there must be a .beton, which is then replaced). SIGINT (Ctrl-C) and
+SIGTERM stop the conversion at once: the writer workers are killed, the temp file and the shared
+memory segment removed, and the exit code is 128 + the signal (130, 143).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
+import queue
+import secrets
+import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing import Process
+from multiprocessing import Process, Queue
 from pathlib import Path
+from types import FrameType
 
+import cv2
 import numpy as np
 from PIL import Image
 from rich.console import Console
@@ -43,6 +55,7 @@ from rich.text import Text
 
 from pipelines.fashion_mnist import load_fashion_mnist
 from pipelines.imagefolder import scan_image_folder
+from runtime.signals import StopRequest
 
 FASHION_MNIST = "fashion-mnist"
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -51,10 +64,85 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 DEFAULT_SMART_THRESHOLD = 256 * 256 * 3
 DEFAULT_JPEG_QUALITY = 90
 DEFAULT_MAX_RES = 512
+# ffcv's .beton header (ffcv.types.HeaderType; the tests check they agree), read here without
+# importing ffcv, which compiles numba code for seconds: --out is checked before any work.
+BETON_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                         ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+BETON_VERSION = 2
+# What a sample that cannot be decoded is written as, until `drop_samples` takes it out again.
+PLACEHOLDER = (np.zeros((1, 1, 3), np.uint8), -1)
+# Errors PIL raises for a file that cannot be decoded (DecompressionBombError is not an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ConversionError(RuntimeError):
     """The conversion failed; the message says why and no output file was left behind."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, as KeyboardInterrupt: `except Exception` lets it through."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class InterruptOnSignal(StopRequest):
+    """SIGINT / SIGTERM raise Interrupted in the main thread; later signals are only recorded, so the
+    cleanup they trigger runs to the end. Default SIGTERM would kill the process with its writer
+    workers, temp file and shared memory left behind.
+
+    The signal is recorded as well: numba's compiler, which runs while ffcv is imported, swallows the
+    exception, and `check()` then raises it after the import.
+    """
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = not self.requested
+        super()._handle(signum, frame)
+        if first:
+            raise Interrupted(signum)
+
+    def check(self) -> None:
+        if self.requested:
+            raise Interrupted(self.signum)
+
+
+class UnreadableSample(Exception):
+    """A sample's file cannot be decoded (it passed the pre-scan, which reads only its head and tail)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _decode_failure(err: Exception) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "file no longer exists (removed after the scan)"
+    return f"cannot be decoded ({err})"
+
+
+def fit_within(image: np.ndarray, max_res: int | None) -> np.ndarray:
+    """`image` shrunk so its longest side is `max_res` (area interpolation and sizes as ffcv's writer),
+    but with at least 1 px on every side: ffcv's own resize turns a 10000 x 50 image at 64 px into a
+    zero-pixel side, which OpenCV rejects. ffcv leaves an image that already fits alone."""
+    height, width = image.shape[:2]
+    if max_res is None or max(height, width) <= max_res:
+        return image
+    ratio = max_res / max(height, width)
+    size = (max(1, min(max_res, int(width * ratio))), max(1, min(max_res, int(height * ratio))))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def load_rgb(path: str, max_res: int | None) -> np.ndarray:
+    """The image at `path` as an RGB uint8 array whose longest side is at most `max_res`."""
+    with Image.open(path) as img:
+        if max_res is not None:
+            # JPEG DCT scaling decodes large files at 1/2..1/8 size directly (never below max_res).
+            scale = max_res / max(img.size)
+            img.draft("RGB", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
+        rgb = np.asarray(img.convert("RGB"))
+    return fit_within(rgb, max_res)
 
 
 class FolderImages:
@@ -69,13 +157,10 @@ class FolderImages:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            if self.max_res is not None:
-                # JPEG DCT scaling decodes large files at 1/2..1/8 size directly (never below
-                # max_res); ffcv's writer then does the exact area resize.
-                scale = self.max_res / max(img.size)
-                img.draft("RGB", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
-            return np.asarray(img.convert("RGB")), label
+        try:
+            return load_rgb(path, self.max_res), label
+        except DECODE_ERRORS as err:
+            raise UnreadableSample(path, _decode_failure(err)) from err
 
 
 class GrayImages:
@@ -89,6 +174,24 @@ class GrayImages:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return np.repeat(self.images[index][:, :, None], 3, axis=2), int(self.labels[index])
+
+
+class _SkipUnreadable:
+    """`dataset` as the writer's workers read it: an UnreadableSample becomes PLACEHOLDER, and its
+    (index, path, reason) goes to `reports` for the main process to drop and list."""
+
+    def __init__(self, dataset, reports: Queue) -> None:
+        self.dataset, self.reports = dataset, reports
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        try:
+            return self.dataset[index]
+        except UnreadableSample as err:
+            self.reports.put((index, err.path, err.reason))
+            return PLACEHOLDER
 
 
 @dataclass
@@ -121,17 +224,33 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.0f} images/s" if task.speed else "- images/s", style="progress.data.speed")
 
 
+def _worker(target, parent: int, *args) -> None:
+    """A writer worker. SIGINT is left to the parent, which kills the workers (a terminal's Ctrl-C
+    reaches the whole process group); the kernel kills the worker if the parent dies outright."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(AttributeError, OSError):  # prctl is Linux's
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    target(*args)
+
+
 class _WriterHooks:
-    """Stand-ins for ffcv.writer's tqdm, Process and sleep while one conversion runs.
+    """Stand-ins for ffcv.writer's tqdm, Process, Queue and sleep while one conversion runs.
 
     ffcv's writer shows a tqdm bar and waits for its worker processes by polling a shared counter
     forever: a worker that dies (an image that fails to decode) would hang it. The hooks show a rich
-    bar instead and turn a dead worker into a ConversionError.
+    bar instead, turn a dead worker into a ConversionError, keep hold of the workers and queues so
+    an aborted conversion can end them, and collect the workers' reports of unreadable samples.
     """
 
     def __init__(self, progress: Progress, description: str) -> None:
         self.progress, self.description = progress, description
         self.workers: list[Process] = []
+        self.queues: list[Queue] = []
+        self.reports: Queue = self.queue()
+        self.skipped: list[tuple[int, str, str]] = []  # (index, path, reason)
         self.task = None
 
     def tqdm(self, total: int) -> _WriterHooks:
@@ -144,13 +263,19 @@ class _WriterHooks:
     def close(self) -> None:
         self.progress.refresh()
 
-    def process(self, *args, **kwargs) -> Process:
-        worker = Process(*args, **kwargs)
+    def process(self, target, args: tuple = (), **kwargs) -> Process:
+        worker = Process(target=_worker, args=(target, os.getpid(), *args), **kwargs)
         self.workers.append(worker)
         return worker
 
+    def queue(self, *args, **kwargs) -> Queue:
+        created = Queue(*args, **kwargs)
+        self.queues.append(created)
+        return created
+
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
+        self._drain_reports()
         failed = [w for w in self.workers if w.exitcode not in (None, 0)]
         if failed:
             raise ConversionError(
@@ -158,19 +283,42 @@ class _WriterHooks:
                 "above); fix or remove that file and run again"
             )
 
+    def _drain_reports(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.skipped.append(self.reports.get_nowait())
+
+    def collect_reports(self) -> list[tuple[int, str, str]]:
+        """Every unreadable-sample report, sorted by index: read while the workers exit, since a
+        worker flushes its reports on exit and blocks there while the pipe is full."""
+        while any(worker.is_alive() for worker in self.workers):
+            self._drain_reports()
+            time.sleep(0.01)
+        self._drain_reports()
+        return sorted(self.skipped)
+
     def stop_workers(self) -> None:
-        """Kill the workers still running: they append to the output file by name."""
+        """Kill the workers still running (they append to the output file by name), and let the
+        process exit without flushing the queues: their feeder threads would wait forever to
+        write the work nobody reads any more."""
         for worker in self.workers:
+            if worker.pid is None:  # never started
+                continue
             if worker.is_alive():
                 worker.kill()
             worker.join()
+        for pending in self.queues:
+            pending.cancel_join_thread()
+            pending.close()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         import ffcv.writer
 
-        saved = {name: getattr(ffcv.writer, name) for name in ("tqdm", "Process", "sleep")}
-        ffcv.writer.tqdm, ffcv.writer.Process, ffcv.writer.sleep = self.tqdm, self.process, self.sleep
+        names = ("tqdm", "Process", "Queue", "sleep")
+        saved = {name: getattr(ffcv.writer, name) for name in names}
+        for name, hook in zip(names, (self.tqdm, self.process, self.queue, self.sleep), strict=True):
+            setattr(ffcv.writer, name, hook)
         try:
             yield
         finally:
@@ -198,26 +346,119 @@ def _release_shared_memory(writer) -> None:
             shm.unlink()
 
 
-def write_beton(dataset, out: str | os.PathLike, image_field, workers: int, progress: Progress) -> None:
-    """Write (image, label) samples of `dataset` to `out` atomically (temp file + os.replace)."""
+def create_temp(out: Path) -> Path:
+    """A new empty hidden file next to `out` (so os.replace stays on one file system), with the
+    permissions the umask gives (mkstemp's are 0600)."""
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return tmp
+
+
+def drop_samples(path: str | os.PathLike, drop: Sequence[int]) -> int:
+    """Take the samples `drop` out of the .beton at `path` in place; return how many remain.
+
+    A reader finds samples through the header's count, the metadata rows and the allocation table
+    (absolute file offsets) only, so those three are rewritten; the dropped samples' bytes stay in
+    their pages, unreferenced.
+    """
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    total = int(reader.num_samples)
+    keep = np.setdiff1d(np.arange(total), np.asarray(drop, dtype=np.int64))
+    renumber = np.full(total, -1, dtype=np.int64)
+    renumber[keep] = np.arange(len(keep))
+    table = reader.alloc_table[renumber[reader.alloc_table["sample_id"].astype(np.int64)] >= 0].copy()
+    table["sample_id"] = renumber[table["sample_id"].astype(np.int64)]
+    header = np.array(reader.header)
+    header["num_samples"] = len(keep)
+    with open(path, "r+b") as f:
+        f.write(header.tobytes())
+        f.seek(header.nbytes + reader.field_descriptors.nbytes)
+        f.write(reader.metadata[keep].tobytes())
+        f.seek(int(header["alloc_table_ptr"]))
+        f.write(table.tobytes())
+        f.truncate()
+    return len(keep)
+
+
+def _chunksize(samples: int, workers: int) -> int:
+    return min(100, max(1, samples // (4 * workers)))
+
+
+def write_beton(dataset, out: str | os.PathLike, image_field, workers: int,
+                progress: Progress) -> list[tuple[str, str]]:
+    """Write (image, label) samples of `dataset` to `out` atomically (temp file + os.replace).
+
+    Samples whose __getitem__ raises UnreadableSample are left out; returns their (path, reason).
+    On any failure or interruption the workers are killed and the temp file and the writer's
+    shared memory removed before the exception goes on.
+    """
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    writer = DatasetWriter(tmp, {"image": image_field, "label": IntField()}, num_workers=workers)
     hooks = _WriterHooks(progress, f"writing {out.name}")
+    tmp = writer = None
     try:
+        tmp = create_temp(out)
+        writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, num_workers=workers)
         with hooks.installed():
-            writer.from_indexed_dataset(dataset, chunksize=min(100, max(1, len(dataset) // (4 * workers))))
+            writer.from_indexed_dataset(_SkipUnreadable(dataset, hooks.reports),
+                                        chunksize=_chunksize(len(dataset), workers))
+            skipped = hooks.collect_reports()
+        if skipped and drop_samples(tmp, [index for index, _, _ in skipped]) == 0:
+            raise ConversionError(f"none of the {len(dataset)} images can be decoded, e.g. "
+                                  f"{skipped[0][1]}: {skipped[0][2]}")
         os.replace(tmp, out)
     except BaseException:
         hooks.stop_workers()
         _release_shared_memory(writer)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+    return [(path, reason) for _, path, reason in skipped]
+
+
+def is_beton(path: Path) -> bool:
+    """Whether the regular file `path` starts with a .beton header (an empty file counts: replacing
+    it loses nothing)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(BETON_HEADER.itemsize)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if not raw:
+        return True
+    if len(raw) < BETON_HEADER.itemsize:
+        return False
+    header = np.frombuffer(raw, dtype=BETON_HEADER)[0]
+    page = int(header["page_size"])
+    return (int(header["version"]) == BETON_VERSION and int(header["num_fields"]) > 0 and page > 0
+            and page & (page - 1) == 0 and int(header["alloc_table_ptr"]) <= size)
+
+
+def check_output(out: Path) -> None:
+    """Raise ValueError unless `out` can be written: a new file can be created in its folder (tried,
+    not `os.access`, which says yes to root everywhere, /proc included) and what it would replace is
+    a .beton."""
+    folder = out.parent
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file path such as {out / 'train.beton'}")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not folder.is_dir():
+        raise ValueError(f"--out folder {folder} does not exist; create it first")
+    if out.exists() and not (out.is_file() and is_beton(out)):
+        raise ValueError(f"--out {out} exists and is not a .beton file; move it away or choose another --out "
+                         "(only a .beton is replaced)")
+    try:
+        create_temp(out).unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create a file in {folder} ({err.strerror or err})") from err
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -227,13 +468,6 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--src {args.src} is not a folder (give an ImageFolder root or '{FASHION_MNIST}')")
         if args.split is not None:
             raise ValueError(f"--split applies only to --src {FASHION_MNIST}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file path such as {out / 'train.beton'}")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out folder {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"--out folder {out.parent} is not writable")
     checks = [
         (args.max_res == 0 or args.max_res >= 8, f"--max-res must be at least 8 (0: no limit), got {args.max_res}"),
         (
@@ -248,6 +482,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_output(Path(args.out))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -291,8 +526,20 @@ def _human_bytes(size: float) -> str:
     return f"{size:.1f} GB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _image_field(args: argparse.Namespace, mode: str, max_res: int | None):
+    from ffcv.fields import RGBImageField
+
+    return RGBImageField(
+        write_mode=mode,
+        max_resolution=max_res,
+        smart_threshold=args.smart_threshold,
+        jpeg_quality=args.jpeg_quality or DEFAULT_JPEG_QUALITY,
+        compress_probability=args.compress_prob,
+    )
+
+
+def convert(args: argparse.Namespace, interrupts: InterruptOnSignal) -> int:
+    """The conversion `main` runs with signal handling in place; returns the exit code."""
     err = Console(stderr=True, soft_wrap=True)
     try:
         validate_args(args)
@@ -301,38 +548,43 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"ffcv_convert: {error}", file=sys.stderr)
         return 2
-    from ffcv.fields import RGBImageField
-
     mode = args.write_mode or source.default_mode
     if mode == "raw" and args.jpeg_quality is not None:
         err.print("[yellow]warning:[/] --jpeg-quality has no effect in write mode 'raw' (ffcv stores pixels)")
     for path, reason in source.bad_files:
         err.print(f"[yellow]skipped unreadable file[/] {path}: {reason}")
-    field = RGBImageField(
-        write_mode=mode,
-        max_resolution=max_res,
-        smart_threshold=args.smart_threshold,
-        jpeg_quality=args.jpeg_quality or DEFAULT_JPEG_QUALITY,
-        compress_probability=args.compress_prob,
-    )
+    err.print("loading ffcv (it compiles its numba code first)")
+    field = _image_field(args, mode, max_res)
+    interrupts.check()
     start = time.perf_counter()
     try:
         with new_progress(err) as progress:
-            write_beton(source.dataset, args.out, field, args.workers, progress)
+            skipped = write_beton(source.dataset, args.out, field, args.workers, progress)
     except ConversionError as error:
         print(f"ffcv_convert: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("ffcv_convert: interrupted; no output written", file=sys.stderr)
-        return 130
+    for path, reason in skipped:
+        err.print(f"[yellow]skipped unreadable file[/] {path}: {reason}")
     seconds = time.perf_counter() - start
-    count = len(source.dataset)
+    count, unreadable = len(source.dataset) - len(skipped), len(source.bad_files) + len(skipped)
     print(
         f"wrote {count} images ({source.classes} classes, mode {mode}) to {args.out}: "
         f"{_human_bytes(os.path.getsize(args.out))} in {seconds:.1f} s ({count / seconds:,.0f} images/s)"
-        + (f"; skipped {len(source.bad_files)} unreadable file(s)" if source.bad_files else "")
+        + (f"; skipped {unreadable} unreadable file(s)" if unreadable else "")
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    interrupts = InterruptOnSignal()
+    try:
+        return convert(args, interrupts)
+    except Interrupted as stop:
+        print(f"ffcv_convert: interrupted by {stop}; no output written, nothing left behind", file=sys.stderr)
+        return interrupts.exit_code
+    finally:
+        interrupts.restore()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,280 @@
+"""ffcv_convert under interruption and bad input: signals end it promptly with nothing left behind,
+files that turn out unreadable while writing are skipped and counted, extreme aspect ratios convert,
+and an --out that cannot be (or must not be) written is refused before any work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.ffcv_convert import BETON_HEADER, FolderImages, drop_samples, fit_within, main, new_progress, write_beton
+from pipelines.imagefolder import scan_image_folder
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADING_LINE = "loading ffcv"
+# Long enough (60000 raw 28x28 images, ~20 s on 2 cores) that a signal sent once writing is under
+# way always lands mid-write.
+LONG_CONVERSION = ("--src", "fashion-mnist", "--workers", "2")
+
+
+# ---------------------------------------------------------------- a converter subprocess
+
+
+@dataclass
+class Conversion:
+    """`python -m pipelines.ffcv_convert` in its own session, its stderr lines collected as they come."""
+
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, *args: str) -> Conversion:
+        process = subprocess.Popen([sys.executable, "-m", "pipelines.ffcv_convert", *args], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        run = cls(process)
+        threading.Thread(target=lambda: run.lines.extend(process.stderr), daemon=True).start()
+        return run
+
+    def wait_for(self, ready, what: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.process.poll() is not None:
+                raise AssertionError(f"ffcv_convert exited ({self.process.returncode}) before {what}: {self.lines}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} after {timeout} s: {self.lines}")
+            time.sleep(0.02)
+
+    def descendants(self) -> set[int]:
+        found, todo = set(), [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            found.update(int(c) for c in children)
+            todo.extend(int(c) for c in children)
+        return found
+
+    def shared_memory(self) -> set[str]:
+        maps = Path(f"/proc/{self.process.pid}/maps").read_text()
+        return {line.split()[-1] for line in maps.splitlines() if "/dev/shm/" in line}
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        """Exit code and stderr; a converter that does not exit in `timeout` s fails the test (and is killed)."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise AssertionError(f"ffcv_convert still running {timeout} s after the signal: {self.lines}") from None
+        time.sleep(0.2)  # the reader thread takes the last lines
+        return self.process.returncode, "".join(self.lines)
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for a parent (the container's init may not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until_gone(pids: set[int], timeout: float = 10) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (alive := {pid for pid in pids if _alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return list(folder.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- signals
+
+
+def test_sigint_while_numba_compiles_stops_the_run(tmp_path) -> None:
+    """ffcv's import compiles numba code for seconds, and numba swallowed the KeyboardInterrupt: the run
+    went on to write the whole file and exit 0."""
+    run = Conversion.start(*LONG_CONVERSION, "--limit", "500", "--out", str(tmp_path / "x.beton"))
+    run.wait_for(lambda: any(LOADING_LINE in line for line in run.lines), "loading line")
+    run.process.send_signal(signal.SIGINT)
+    code, err = run.finish()
+    assert code == 128 + signal.SIGINT, err
+    assert "interrupted by SIGINT" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("signum", "whole_group"), [(signal.SIGINT, False), (signal.SIGINT, True),
+                                                     (signal.SIGTERM, False)],
+                         ids=["sigint", "ctrl-c-to-the-process-group", "sigterm"])
+def test_signal_while_writing_exits_promptly_leaving_nothing(tmp_path, signum: int, whole_group: bool) -> None:
+    """Mid-write, SIGINT hung (the work queue's feeder thread) and SIGTERM killed only the main process,
+    orphaning the workers with the temp file and the /dev/shm segment left behind."""
+    run = Conversion.start(*LONG_CONVERSION, "--out", str(tmp_path / "x.beton"))
+    # Writing: the temp file holds data pages (written by the workers) beyond the header.
+    run.wait_for(lambda: any(p.stat().st_size > 1 << 20 for p in _temp_files(tmp_path)), "data in the temp file")
+    children, segments = run.descendants(), run.shared_memory()
+    assert len(children) >= 2 and segments, (children, segments)
+    if whole_group:  # what a terminal's Ctrl-C does: every process of the job gets SIGINT
+        os.killpg(run.process.pid, signum)
+    else:
+        run.process.send_signal(signum)
+    started = time.monotonic()
+    code, err = run.finish()
+    assert code == 128 + signum, err
+    assert time.monotonic() - started < 10, "not prompt"
+    assert f"interrupted by {signal.Signals(signum).name}" in err
+    assert "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
+    assert not [s for s in segments if os.path.exists(s)]
+    assert not _wait_until_gone(children)
+
+
+# ---------------------------------------------------------------- files unreadable while writing
+
+
+def _corrupt_body(path: Path) -> None:
+    """Keep SOI, headers and EOI (so the pre-scan passes it) and fill the entropy-coded data with 0xFF."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\xff\xda") + 2
+    data[start:-2] = b"\xff" * (len(data) - 2 - start)
+    path.write_bytes(bytes(data))
+
+
+def _copy_corpus(photo_corpus: str, dest: Path, per_class: int = 3) -> list[Path]:
+    files = []
+    for folder in sorted(Path(photo_corpus).iterdir()):
+        (dest / folder.name).mkdir(parents=True)
+        for source in sorted(folder.iterdir())[:per_class]:
+            files.append(dest / folder.name / source.name)
+            files[-1].write_bytes(source.read_bytes())
+    return files
+
+
+def test_files_unreadable_at_write_time_are_skipped_and_counted(photo_corpus, tmp_path, monkeypatch,
+                                                                capfd) -> None:
+    """A file removed after the scan and a JPEG with intact markers but a corrupt body aborted the
+    conversion (a writer worker died on them)."""
+    from ffcv.reader import Reader
+
+    import pipelines.ffcv_convert as convert
+
+    files = _copy_corpus(photo_corpus, tmp_path / "src")
+    corrupt, removed = files[1], files[4]
+    _corrupt_body(corrupt)
+    load_source = convert.load_source
+
+    def scan_then_remove(*args):
+        source = load_source(*args)
+        removed.unlink()
+        return source
+
+    monkeypatch.setattr(convert, "load_source", scan_then_remove)
+    out = tmp_path / "out.beton"
+    assert main(["--src", str(tmp_path / "src"), "--out", str(out), "--max-res", "64", "--workers", "2"]) == 0
+    captured = capfd.readouterr()
+    assert f"{corrupt}: cannot be decoded" in captured.err
+    assert f"{removed}: file no longer exists" in captured.err
+    assert f"wrote {len(files) - 2} images" in captured.out and "skipped 2 unreadable file(s)" in captured.out
+    reader = Reader(str(out))
+    kept = [f for f in files if f not in (corrupt, removed)]
+    classes = sorted(d.name for d in (tmp_path / "src").iterdir())
+    assert reader.metadata["f1"].tolist() == [classes.index(f.parent.name) for f in kept]
+    assert sorted(set(reader.alloc_table["sample_id"].tolist())) == list(range(len(kept)))
+
+
+def test_dropped_samples_leave_a_beton_the_loader_reads(photo_corpus, tmp_path) -> None:
+    """drop_samples rewrites count, metadata and allocation table: every remaining sample decodes to
+    the image it was written from."""
+    from ffcv.fields import RGBImageField
+
+    from pipelines.base import LoaderConfig
+    from pipelines.ffcv import build_loader
+    from pipelines.views import BYOL_VIEWS
+
+    samples = scan_image_folder(photo_corpus).samples[:12]
+    out = tmp_path / "all.beton"
+    with new_progress() as progress:
+        assert write_beton(FolderImages(samples, 32), out, RGBImageField(write_mode="raw"), 2, progress) == []
+    drop = [0, 5, 11]
+    assert drop_samples(out, drop) == 9
+    recipe = BYOL_VIEWS.with_overrides(res=8)
+    loader = build_loader(LoaderConfig(data=str(out), batch_size=9, recipe=recipe, workers=1, drop_last=False),
+                          order="sequential")
+    (_, labels), = list(loader.crops())
+    assert labels.view(-1).tolist() == [label for i, (_, label) in enumerate(samples) if i not in drop]
+
+
+# ---------------------------------------------------------------- extreme aspect ratios
+
+
+def test_fit_within_keeps_a_pixel_per_side() -> None:
+    assert fit_within(np.zeros((50, 10000, 3), np.uint8), 64).shape == (1, 64, 3)
+    assert fit_within(np.zeros((10000, 50, 3), np.uint8), 64).shape == (64, 1, 3)
+    assert fit_within(np.zeros((700, 900, 3), np.uint8), 512).shape == (398, 512, 3)  # as ffcv's own resize
+    image = np.zeros((30, 40, 3), np.uint8)
+    assert fit_within(image, 64) is image and fit_within(image, None) is image
+
+
+def test_very_wide_image_converts(tmp_path, capfd) -> None:
+    """10000 x 50 at --max-res 64: ffcv's resize asked OpenCV for a 64 x 0 image and the run crashed."""
+    from ffcv.reader import Reader
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 10000, 3), dtype=np.uint8)).save(tmp_path / "src" / "a" / "w.jpg")
+    out = tmp_path / "wide.beton"
+    assert main(["--src", str(tmp_path / "src"), "--out", str(out), "--max-res", "64", "--workers", "1"]) == 0
+    image = Reader(str(out)).metadata["f0"][0]
+    assert (int(image["width"]), int(image["height"])) == (64, 1)
+
+
+# ---------------------------------------------------------------- --out checks
+
+
+def test_beton_header_matches_ffcv() -> None:
+    from ffcv.types import CURRENT_VERSION, HeaderType
+
+    from pipelines.ffcv_convert import BETON_VERSION
+
+    assert HeaderType == BETON_HEADER and BETON_VERSION == CURRENT_VERSION
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("/proc/x.beton", "cannot create a file in /proc"),  # os.access says yes to root
+    ("/proc/x/y.beton", "--out folder /proc/x does not exist"),
+    ("FILE/x.beton", "is a file, not a folder"),
+    ("FILE/deeper/x.beton", "is a file, not a folder"),
+    ("FILE", "exists and is not a .beton file"),
+    ("/dev/null", "exists and is not a .beton file"),
+])
+def test_unwritable_or_foreign_out_is_refused_before_any_work(out, message, tmp_path, capsys) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    out = out.replace("FILE", str(notes))
+    assert main(["--src", "fashion-mnist", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert notes.read_text() == "my notes"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_existing_beton_is_replaced(tmp_path, capsys) -> None:
+    out = tmp_path / "x.beton"
+    args = ["--src", "fashion-mnist", "--limit", "20", "--workers", "1", "--out", str(out)]
+    assert main(args) == 0 and main([*args[:3], "30", *args[4:]]) == 0
+    assert "wrote 30 images" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["x.beton"]
