@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import pickle
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,13 @@ import torch.nn as nn
 
 from evaluation import ArraySet, eval_splits, evaluate_encoder, linear_probe, pixel_features
 from models.backbones import ARCHS, DEFAULT_WIDTH, SMALL_IMAGE_MAX_RES, build_backbone
+from pipelines.imagefolder import sniff_format
+
+# A zip file's end-of-directory record lies within its last 64 KiB (22 bytes plus a comment of < 64 KiB).
+ZIP_TAIL_BYTES = 65558
+# What torch.load raises for a file that is not a weights-only checkpoint: arbitrary bytes reach its
+# unpickler's stack machine, which fails with whatever error it meets (EOFError, KeyError, IndexError, ...).
+LOAD_ERRORS = (Exception,)
 
 
 def load_encoder(path: str | None, arch: str, small_images: bool, width: int = DEFAULT_WIDTH) -> nn.Module:
@@ -26,22 +35,77 @@ def load_encoder(path: str | None, arch: str, small_images: bool, width: int = D
     """
     if path is None:
         return build_backbone(arch, small_images=small_images, width=width)[0]
-    if not Path(path).is_file():
-        raise ValueError(f"--checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    if "conv1.weight" not in state:
-        raise ValueError(f"--checkpoint {path} is not a backbone state dict (no conv1.weight); "
-                         "give the exported backbone.pt")
+    state = read_state_dict(path)
+    if arch_of(state) not in (arch, None):
+        raise ValueError(f"--checkpoint {path} is a {arch_of(state)} backbone, not --arch {arch}: "
+                         f"pass --arch {arch_of(state)}")
     # The stem's shape tells the exported encoder's form: its kernel the stem, its channels the width.
     stem = state["conv1.weight"]
     encoder, _ = build_backbone(arch, small_images=stem.shape[-1] == 3, width=stem.shape[0])
-    missing, unexpected = encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
-                                                  strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
+                                                      strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise ValueError(f"--checkpoint {path} does not fit --arch {arch}: {str(err).splitlines()[-1].strip()}") \
+            from err
     if missing or unexpected:
         raise ValueError(f"--checkpoint {path} does not fit --arch {arch}: "
                          f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
     return encoder
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The backbone state dict in `path`; ValueError with one line saying what the file is otherwise."""
+    if not Path(path).is_file():
+        raise ValueError(f"--checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except LOAD_ERRORS as err:
+        raise ValueError(f"--checkpoint {path} {_what_file(path, err)}; give the backbone.pt a run exported") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--checkpoint {path} holds a {type(state).__name__}, not a backbone state dict; "
+                         "give the backbone.pt a run exported")
+    if "online" in state and "step" in state:
+        raise ValueError(f"--checkpoint {path} is a training checkpoint (step {state['step']}), not a backbone; "
+                         "give the backbone.pt the run exported at its end")
+    if "conv1.weight" not in state:
+        raise ValueError(f"--checkpoint {path} is not a backbone state dict (no conv1.weight); "
+                         "give the exported backbone.pt")
+    return state
+
+
+def _what_file(path: str, err: Exception) -> str:
+    """What a file torch.load rejected is, from its first and last bytes."""
+    size = Path(path).stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(16)
+        f.seek(max(0, size - ZIP_TAIL_BYTES))
+        tail = f.read()
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format: its directory is at the end
+        return ("is a truncated PyTorch file (its zip directory is missing)" if b"PK\x05\x06" not in tail
+                else f"is a damaged PyTorch file ({type(err).__name__})")
+    if sniff_format(head):
+        return f"is a {sniff_format(head)} image, not a checkpoint"
+    if head.startswith(b"\x80") and isinstance(err, pickle.UnpicklingError):
+        return "is a pickle of Python objects other than tensors (not a state dict; refused unloaded)"
+    return "is not a PyTorch checkpoint"
+
+
+def arch_of(state: dict[str, torch.Tensor]) -> str | None:
+    """The ARCHS name whose blocks the state dict's keys show (layerN.M.*), or None if none matches."""
+    blocks = [0, 0, 0, 0]
+    for key in state:
+        found = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if found:
+            layer, block = int(found[1]) - 1, int(found[2])
+            blocks[layer] = max(blocks[layer], block + 1)
+    bottleneck = any(re.match(r"layer[1-4]\.\d+\.conv3\.", key) for key in state)
+    return next((name for name, (block, layers) in ARCHS.items()
+                 if list(layers) == blocks and (block.__name__ == "Bottleneck") == bottleneck), None)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         scores = evaluate_encoder(encoder.to(device, memory_format=torch.channels_last), train_set, test_set,
                                   device, res=args.res, k=args.k)
-        print(f"{name}: kNN (k={args.k}) top-1 {100 * scores['knn_top1']:.2f}%  linear top-1 "
+        print(f"{name}: kNN (k={min(args.k, len(train_set))}) top-1 {100 * scores['knn_top1']:.2f}%  linear top-1 "
               f"{100 * scores['linear_top1']:.2f}%  (wd {scores['linear_weight_decay']:g}, "
               f"{time.perf_counter() - start:.0f} s)")
     if args.baselines and isinstance(train_set, ArraySet):

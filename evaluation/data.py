@@ -5,23 +5,29 @@
 
 Images stay uint8 (N, C, H, W) until they reach the device; features.py resizes and normalizes
 them there, so the sets carry no transform of their own.
+
+Folder sets decode with pipelines.imagefolder.open_rgb (the pixels every loader trains on), and a
+validation folder's classes are matched to the training folder's by name: a validation class the
+training folder lacks is refused in one line naming it. A file that fails to load during the run is
+replaced by a mid-grey image (every rank reads the labels from the sample list, so no sample can
+drop out) with a warning naming it; `FolderSet.skipped` lists them.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator
 from typing import Self
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from pipelines.builtin import parse_builtin
 from pipelines.fashion_mnist import CLASSES, load_fashion_mnist
-from pipelines.imagefolder import load_index
+from pipelines.imagefolder import SkipLog, Unreadable, load_index, read_rgb
 
 LabelledBatch = tuple[torch.Tensor, torch.Tensor]
 # Standard linear-eval geometry for photos: resize the short side to res / 0.875, centre-crop res.
@@ -76,29 +82,46 @@ class ArraySet(_Subsettable):
             yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
 
 
+# What a file that failed to load is replaced by: mid-grey, the mean of no class.
+STAND_IN_GREY = 128
+
+
 class _CenterCropped(Dataset):
+    """Sample i -> (uint8 (3, res, res) centre crop, label, '' or why the file was replaced)."""
+
     def __init__(self, samples: list[tuple[str, int]], res: int):
-        self.samples = samples
+        self.samples, self.res = samples, res
         self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(round(res / CENTER_CROP_FRACTION), antialias=True),
                                      v2.CenterCrop(res)])
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+        rgb = read_rgb(path)
+        if isinstance(rgb, Unreadable):
+            return torch.full((3, self.res, self.res), STAND_IN_GREY, dtype=torch.uint8), label, rgb.reason
+        return self.transform(rgb), label, ""
 
 
 class FolderSet(_Subsettable):
     """An ImageFolder tree decoded on the fly (too large to hold in memory), centre-cropped to res."""
 
-    def __init__(self, root: str, workers: int = 4):
+    def __init__(self, root: str, workers: int = 4, classes: list[str] | None = None, option: str = "--val-data"):
+        """classes: the training folder's, which this set's labels must follow (by name); `option`
+        names this folder in the error when it has a class that list lacks."""
         index = load_index(root)
-        self.samples = index.samples
-        self.num_classes = len(index.classes)
+        self.classes = classes or index.classes
+        self.samples = _relabelled(index.samples, index.classes, self.classes, f"{option} {root}")
+        self.num_classes = len(self.classes)
         self.workers = workers
+        self.runtime_skips = SkipLog()
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files replaced by a grey image because they failed to load."""
+        return self.runtime_skips.skipped
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,7 +137,35 @@ class FolderSet(_Subsettable):
         return subset
 
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
-        yield from DataLoader(_CenterCropped(self.samples, res), batch_size=batch_size, num_workers=self.workers)
+        dataset = _CenterCropped(self.samples, res)
+        for start, (images, labels, reasons) in zip(itertools.count(0, batch_size), DataLoader(
+                dataset, batch_size=batch_size, num_workers=self.workers), strict=False):
+            for offset, reason in enumerate(reasons):
+                if reason:
+                    self.runtime_skips.add(Unreadable(self.samples[start + offset][0],
+                                                      f"{reason}; a grey image stands in for it"))
+            yield images, labels
+
+
+def _relabelled(samples: list[tuple[str, int]], own: list[str], classes: list[str],
+                where: str) -> list[tuple[str, int]]:
+    """`samples` labelled by index in `own` -> labelled by the same class name's index in `classes`."""
+    if own == classes:
+        return samples
+    unknown = sorted(set(own) - set(classes))
+    if unknown:
+        missing = sorted(set(classes) - set(own))
+        raise ValueError(
+            f"{where} has class folder(s) the training data lacks: {_names(unknown)}"
+            + (f"; the training data has {_names(missing)} instead" if missing else "")
+            + ": the class folders of both must have the same names")
+    position = {name: index for index, name in enumerate(classes)}
+    return [(path, position[own[label]]) for path, label in samples]
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 EvalSet = ArraySet | FolderSet
@@ -140,5 +191,6 @@ def eval_splits(
     elif val_data is None:
         raise ValueError(f"--data {data} is a folder: also give --val-data, the labelled folder to report on")
     else:
-        train, test = FolderSet(data, workers), FolderSet(val_data, workers)
+        train = FolderSet(data, workers)
+        test = FolderSet(val_data, workers, classes=train.classes)
     return train.limit(train_limit), test.limit(test_limit)

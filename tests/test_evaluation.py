@@ -152,8 +152,71 @@ def test_load_encoder_infers_stem_and_checks_arch(tmp_path) -> None:
     assert loaded.conv1.kernel_size == (3, 3)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values(),
                                                  strict=True))
-    with pytest.raises(ValueError, match="does not fit --arch resnet34"):
+    with pytest.raises(ValueError, match="is a resnet18 backbone, not --arch resnet34: pass --arch resnet18"):
         load_encoder(str(path), "resnet34", small_images=True)
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
+def test_cli_names_the_arch_a_backbone_has(tmp_path, capsys, arch) -> None:
+    path = tmp_path / "backbone.pt"
+    torch.save(build_backbone(arch, small_images=True, width=8)[0].state_dict(), path)
+    assert main(["--checkpoint", str(path), "--arch", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is a {arch} backbone, not --arch resnet18: pass --arch {arch}" in err
+
+
+def _truncated(path) -> None:
+    torch.save(build_backbone("resnet18", small_images=True, width=8)[0].state_dict(), path)
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+@pytest.mark.parametrize(("make", "what"), [
+    (lambda path: path.write_bytes(b""), "is empty (0 bytes)"),
+    (_truncated, "is a truncated PyTorch file"),
+    (lambda path: Image.new("RGB", (8, 8)).save(path, format="JPEG"), "is a JPEG image, not a checkpoint"),
+    (lambda path: path.write_text("step,loss\n1,0.5\n"), "is not a PyTorch checkpoint"),
+    (lambda path: torch.save(torch.zeros(3), path), "holds a Tensor, not a backbone state dict"),
+    (lambda path: torch.save({"online": {}, "step": 7}, path), "is a training checkpoint (step 7)"),
+])
+def test_cli_checkpoint_that_is_not_a_backbone_is_one_line(tmp_path, capsys, make, what) -> None:
+    path = tmp_path / "backbone.pt"
+    make(path)
+    assert main(["--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and what in err
+
+
+def _class_folders(root, names: list[str], per_class: int = 3) -> str:
+    """Flat-colour PNGs whose colour is set by the class name's position in sorted `names`."""
+    for label, name in enumerate(sorted(names)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (200 * (label % 2), 100 * (label // 2), 20 * i)).save(root / name / f"{i}.png")
+    return str(root)
+
+
+def test_val_classes_are_matched_by_name(tmp_path) -> None:
+    train = _class_folders(tmp_path / "train", ["cat", "dog", "fox"])
+    (tmp_path / "val").mkdir()
+    val = _class_folders(tmp_path / "val", ["fox"])  # one class: by position it would be label 0 ("cat")
+    train_set, val_set = eval_splits(train, val, workers=0)
+    assert val_set.num_classes == 3 and val_set.labels.tolist() == [2, 2, 2]
+
+
+def test_val_classes_the_training_data_lacks_are_refused_in_one_line(tmp_path, capsys) -> None:
+    train = _class_folders(tmp_path / "train", ["n01", "n02"])
+    val = _class_folders(tmp_path / "val", ["0", "1"])
+    assert main(["--data", train, "--val-data", val]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("evaluation: error: --val-data " + val)
+    assert "lacks: 0, 1; the training data has n01, n02 instead" in err[-1]
+
+
+def test_cli_prints_the_k_it_used(tmp_path, capsys) -> None:
+    data = _class_folders(tmp_path / "train", ["a", "b"], per_class=4)
+    assert main(["--data", data, "--val-data", data, "--arch", "resnet18", "--width", "8", "--res", "16",
+                 "--k", "200", "--device", "cpu"]) == 0
+    assert "kNN (k=8) top-1" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
