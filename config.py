@@ -118,8 +118,14 @@ class ConfigError(ValueError):
     """A bad --config file or value; the message is one line that says what to do."""
 
 
-def _base_type(annotation: str) -> type:
-    hint = typing.get_type_hints(TrainConfig)[annotation]
+def option_flag(name: str) -> str:
+    """The command-line spelling of an option: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def option_type(name: str) -> type:
+    """The value type of an option (int for `int | None`)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
     if isinstance(hint, types.UnionType):
         hint = next(t for t in typing.get_args(hint) if t is not type(None))
     return hint
@@ -130,8 +136,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--config", metavar="FILE", help="TOML or YAML file of options (keys are the flag names); "
                         "flags given on the command line override it")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(f.name)
+        flag = option_flag(f.name)
+        kind = option_type(f.name)
         default = None if f.default is MISSING else f.default
         help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
         if kind is bool:
@@ -177,7 +183,7 @@ def _checked_value(path: str, name: str, value: Any) -> Any:
     if name not in known:
         raise ConfigError(f"--config {path}: unknown option {name!r}; valid options are the flag names "
                           "of train.py --help")
-    kind = _base_type(name)
+    kind = option_type(name)
     ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True

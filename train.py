@@ -12,18 +12,21 @@ checkpoint with --resume, then step. The loss is read from the device only at lo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import ConfigError, TrainConfig, parse_config
+from config import ConfigError, TrainConfig, option_flag, parse_config
 from evaluation import Ranks, eval_splits, evaluate_against_baselines, knn_monitor, summary
 from models.backbones import build_backbone
 from models.byol import BYOL
@@ -32,6 +35,7 @@ from models.schedules import lr_at, scaled_lr, tau_at, warmup_steps
 from models.step import AUTOCAST_DTYPES, ByolStep
 from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
 from pipelines.builtin import resolve_data
+from pipelines.imagefolder import scan_image_folder
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
 from runtime import preflight
@@ -43,6 +47,7 @@ from runtime.checkpoint import (
     restore_training_state,
     rng_state,
     set_rng_state,
+    sweep_stale_temp_files,
     training_state,
 )
 from runtime.distributed import (
@@ -52,14 +57,24 @@ from runtime.distributed import (
     close_world,
     gather_to_main,
     init_world,
+    is_launching_process,
     launch,
+    local_processes,
     planned_processes,
     wrap_online,
 )
 from runtime.metrics import Display, MetricsLog, Window, plot_metrics
+from runtime.outdir import OutLock, prepare_out
 from runtime.signals import StopRequest
 
 NAN_EXIT_CODE = 3
+# Options that shape the saved tensors (the networks, the optimizer state): a checkpoint cannot load into a
+# run where one of them differs. --res changes the network only through the stem it picks (small_images).
+SHAPE_OPTIONS = ("arch", "width", "small_images", "hidden_dim", "proj_dim", "optimizer")
+# Options a resume may change without a note: where and how fast it runs, and how often it logs.
+QUIET_CHANGES = {"resume", "out", "gpus", "device", "processes", "workers", "log_every", "compile"}
+# torch's DataLoader repeats this paragraph for every loader it builds; main() says it once, naming --workers.
+DATALOADER_WORKERS_WARNING = "This DataLoader will create"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -87,16 +102,50 @@ def resolve_data_main_first(cfg: TrainConfig, world: World) -> str:
     return data
 
 
+def check_batch_fits(cfg: TrainConfig, world: World, data: str) -> None:
+    """Raise the one-line error when an ImageFolder has fewer decodable images per process than the batch
+    (no full batch per epoch). Called only once a loader found no full batch: the scan is not free."""
+    if not Path(data).is_dir():
+        return
+    images = len(scan_image_folder(data).samples)
+    if cfg.batch_size // world.size > images // world.size:
+        largest = images // world.size * world.size
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {images} images of {cfg.data}"
+                         + (f" over {world.size} processes" if world.size > 1 else "")
+                         + f", so an epoch has no full batch; use --batch-size {largest} or less")
+
+
 def make_loader(cfg: TrainConfig, world: World, data: str) -> TwoViewLoader:
-    """This rank's shard: per-process batch = global batch / world size."""
-    return build_loader(cfg.loader, LoaderConfig(
+    """This rank's shard: per-process batch = global batch / world size; ValueError when it has no full batch."""
+    try:
+        loader = build_loader(cfg.loader, loader_config(cfg, world, data))
+    except RuntimeError:  # DALI refuses to build a pipeline without a full batch: say that, in one line
+        check_batch_fits(cfg, world, data)
+        raise
+    if len(loader) == 0:
+        check_batch_fits(cfg, world, data)
+        raise ValueError(f"--batch-size {cfg.batch_size}: {cfg.data} has no full batch per epoch for "
+                         f"{world.size} process(es); lower --batch-size")
+    return loader
+
+
+def loader_config(cfg: TrainConfig, world: World, data: str) -> LoaderConfig:
+    return LoaderConfig(
         data=data, batch_size=cfg.batch_size // world.size,
         recipe=BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale, blur=bool(cfg.blur),
                                           jitter=cfg.jitter),
         device=world.device,
         dtype=view_dtype(cfg, world.device), workers=cfg.workers, seed=cfg.seed,
         rank=world.rank, world_size=world.size, compile=cfg.compile, in_memory=cfg.in_memory,
-    ))
+    )
+
+
+def describe_data(cfg: TrainConfig, data: str) -> str:
+    """What the run reads, as the startup line says it: synthetic reads nothing; a built-in name shows its cache."""
+    if cfg.loader == "synthetic":
+        return "synthetic random views (--loader synthetic reads no data)"
+    source = cfg.data if data == cfg.data else f"{cfg.data} ({data})"
+    return f"{source} via the {cfg.loader} loader"
 
 
 def build_encoder(cfg: TrainConfig) -> tuple[torch.nn.Module, int]:
@@ -137,7 +186,8 @@ def build_step(cfg: TrainConfig, byol: BYOL, device: torch.device, online: torch
 
 def train(cfg: TrainConfig, world: World) -> int:
     configure_backends(cfg.deterministic)
-    loader = make_loader(cfg, world, resolve_data_main_first(cfg, world))
+    data = resolve_data_main_first(cfg, world)
+    loader = make_loader(cfg, world, data)
     steps_per_epoch = len(loader)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = warmup_steps(total_steps, steps_per_epoch, cfg.warmup_epochs)
@@ -149,9 +199,17 @@ def train(cfg: TrainConfig, world: World) -> int:
     step_fn = build_step(cfg, byol, world.device, online)
 
     ckpts = preflight.checkpoint_dir(cfg)
-    step = resume(cfg, world, ckpts, byol, step_fn, steps_per_epoch) if cfg.resume else 0
+    step, elapsed_before = resume(cfg, world, ckpts, byol, step_fn, steps_per_epoch) if cfg.resume else (0, 0.0)
     if step == 0:
         seed_all(cfg.seed + world.rank)  # different augmentation draws per rank
+    check_steps_left(step, total_steps, ckpts)
+    out = Path(cfg.out)
+    if step == total_steps and final_outputs_exist(cfg, out):
+        if world.is_main:
+            print(f"nothing left to do: the checkpoint in {ckpts.folder} is at step {step} of {total_steps} and "
+                  f"the run's outputs are in {out}; raise --steps (or --epochs) to train on")
+        return 0
+    started = time.monotonic() - elapsed_before  # elapsed_s carries on over resumes
 
     def save() -> None:
         # The loss read at a log point comes from before the step's update: check the weights too.
@@ -160,19 +218,20 @@ def train(cfg: TrainConfig, world: World) -> int:
         rng = gather_to_main(world, rng_state())
         if world.is_main:
             ckpts.save(step, training_state(byol, step_fn.optimizer, step_fn.scaler, step, steps_per_epoch, rng,
-                                            cfg.to_dict()))
+                                            cfg.to_dict(), elapsed_s=time.monotonic() - started))
 
-    out = Path(cfg.out)
     # Labelled splits for the kNN monitor / final probe on every rank: each extracts its shard's features.
     eval_sets = (eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit, cfg.workers)
                  if cfg.eval_every else None)
     eval_ranks = Ranks(world.rank, world.size)
     log = MetricsLog(out, resume_step=step) if world.is_main else None
     display = Display(total_steps, step, enabled=world.is_main)
-    display.message(f"training {cfg.arch} on {cfg.loader}:{cfg.data} at {cfg.res}px, global batch {cfg.batch_size} "
-                    f"over {world.size} process(es) on {world.device.type}, steps {step}->{total_steps}")
+    display.message(f"training {cfg.arch} on {describe_data(cfg, data)} at {cfg.res}px, global batch "
+                    f"{cfg.batch_size} over {world.size} process(es) on {world.device.type}, "
+                    + (f"steps {step}->{total_steps}" if step < total_steps else
+                       f"nothing left to train (step {step} of {total_steps}): writing the final outputs"))
     stop, window = StopRequest(), Window()
-    last_save, started = time.monotonic(), time.monotonic()
+    last_save = time.monotonic()
     try:
         while step < total_steps:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -230,37 +289,63 @@ def train(cfg: TrainConfig, world: World) -> int:
     return 0
 
 
+def check_steps_left(step: int, total_steps: int, ckpts: CheckpointDir) -> None:
+    """A checkpoint past the run's end would 'train' backwards on a finished schedule: refuse it."""
+    if step > total_steps:
+        raise ValueError(f"--resume: the checkpoint in {ckpts.folder} is at step {step}, past this run's "
+                         f"{total_steps} steps; raise --steps (or --epochs) to train on, or choose another --out "
+                         "to start over")
+
+
+def final_outputs_exist(cfg: TrainConfig, out: Path) -> bool:
+    """What a finished run leaves (backbone.pt is written last); a run killed before them redoes them."""
+    return (out / "backbone.pt").exists() and (not cfg.eval_every or (out / "eval.json").exists())
+
+
+def incompatible_options(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'--arch resnet18 -> resnet34' for each option whose change makes the saved tensors unloadable."""
+    now = cfg.to_dict()
+    changed = [name for name in SHAPE_OPTIONS if name in saved and saved[name] != now[name]]
+    if "small_images" in changed and saved.get("res") != now["res"]:
+        changed.insert(changed.index("small_images"), "res")  # the stem follows --res: name the cause too
+    return [f"{option_flag(name)} {saved[name]} -> {now[name]}" for name in changed]
+
+
 def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL, step_fn: ByolStep,
-           steps_per_epoch: int) -> int:
-    """Load the newest valid checkpoint into the run; return its step (0 if there is none)."""
+           steps_per_epoch: int) -> tuple[int, float]:
+    """Load the newest valid checkpoint into the run; return its step and training seconds ((0, 0) if none)."""
     # Loaded to host memory: load_state_dict copies onto the model's device, and the RNG states
     # must be CPU tensors anyway.
     found = ckpts.load_newest_valid("cpu")
     if found is None:
         if world.is_main:
             print(f"--resume: no checkpoint in {ckpts.folder} yet; starting from scratch")
-        return 0
+        return 0, 0.0
     path, state = found
+    incompatible = incompatible_options(state["config"], cfg)
+    if incompatible:
+        raise ValueError(f"--resume: {path} was saved with other model options ({', '.join(incompatible)}); "
+                         "resume with the saved values, or choose another --out to start over")
     restore_training_state(state, byol, step_fn.optimizer, step_fn.scaler)
     if len(state["rng"]) == world.size:
         set_rng_state(state["rng"][world.rank])
     else:  # a different world size cannot replay the old per-rank streams; stay deterministic anyway
         seed_all(cfg.seed + world.rank + state["step"])
     if world.is_main:
-        ignore = {"resume", "out", "gpus", "device", "processes", "workers", "log_every", "compile"}
-        changed = sorted(k for k, v in state["config"].items() if k not in ignore and cfg.to_dict().get(k) != v)
+        changed = sorted(k for k, v in state["config"].items() if k not in QUIET_CHANGES and cfg.to_dict().get(k) != v)
         print(f"resumed from {path} at step {state['step']}"
               + (f"; options changed since it was saved: {', '.join(changed)}" if changed else ""))
         if state["steps_per_epoch"] != steps_per_epoch:
             print(f"note: an epoch is now {steps_per_epoch} steps (was {state['steps_per_epoch']}); the step "
                   "count carries on, epoch boundaries move")
-    return state["step"]
+    return state["step"], state.get("elapsed_s", 0.0)  # checkpoints before elapsed_s was saved: from 0
 
 
 def run(cfg: TrainConfig) -> int:
     """One training process (of `launch`'s world): join the group, train, leave."""
     gpus, _ = planned_processes(cfg.gpus, cfg.processes)
     world = init_world(use_cuda=gpus > 0)
+    warnings.filterwarnings("ignore", message=DATALOADER_WORKERS_WARNING, category=UserWarning)
     try:
         return train(cfg, world)
     except (ValueError, LoaderUnavailable, CorruptCheckpoint) as err:
@@ -269,24 +354,66 @@ def run(cfg: TrainConfig) -> int:
         return 2
     except NonFiniteLoss as err:
         if world.is_main:
-            print(f"train.py: error: {err}; the last good checkpoint is kept in {Path(cfg.out) / 'checkpoints'} "
-                  "(lower --base-lr or use --precision fp32, then --resume)", file=sys.stderr)
+            print(f"train.py: error: {err}; {after_divergence(cfg)}", file=sys.stderr)
         return NAN_EXIT_CODE
     finally:
         close_world(world)
+
+
+def after_divergence(cfg: TrainConfig) -> str:
+    """What is left after a NaN stop: only a checkpoint that exists is named."""
+    kept, advice = preflight.checkpoint_dir(cfg).paths(), "lower --base-lr or use --precision fp32"
+    if kept:
+        return f"the last good checkpoint is kept: {kept[0]} ({advice}, then --resume)"
+    return f"no checkpoint was saved before it ({advice} and start again)"
+
+
+def warn_oversubscribed_workers(cfg: TrainConfig, world_size: int) -> None:
+    cores, processes = len(os.sched_getaffinity(0)), local_processes(world_size)
+    if cfg.loader != "synthetic" and cfg.workers * processes > cores:
+        print(f"train.py: warning: --workers {cfg.workers} x {processes} training process(es) is more than this "
+              f"machine's {cores} usable cores; loader and training step will share them (lower --workers)",
+              file=sys.stderr)
+
+
+def claim_out(cfg: TrainConfig) -> contextlib.ExitStack:
+    """Create --out and check it is writable; in the launching process (rank 0 under torchrun) also lock it for
+    this run and clear what dead writers left in it. The returned stack holds the lock: keep it open for the run."""
+    out = Path(cfg.out)
+    prepare_out(out)
+    held = contextlib.ExitStack()
+    try:
+        if is_launching_process():
+            held.enter_context(OutLock(out))
+            report_swept(sweep_stale_temp_files(out) + preflight.checkpoint_dir(cfg).sweep_stale_temp_files())
+        preflight.check_out_contents(cfg)
+    except BaseException:
+        held.close()
+        raise
+    return held
+
+
+def report_swept(paths: list[Path]) -> None:
+    if paths:
+        print(f"note: removed {len(paths)} unfinished file write(s) of stopped processes: "
+              + ", ".join(str(p) for p in paths))
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv).resolved()
         world_size = preflight.check(cfg)
-        if cfg.loader == "synthetic" and cfg.data != TrainConfig.data:
-            print(f"train.py: warning: --loader synthetic makes random views on the device and ignores --data "
-                  f"{cfg.data}; name a real --loader to train on it", file=sys.stderr)
+        held = claim_out(cfg)
     except (ConfigError, ValueError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    return launch(run, cfg, world_size)
+    if is_launching_process():
+        if cfg.loader == "synthetic" and cfg.data != TrainConfig.data:
+            print(f"train.py: warning: --loader synthetic makes random views on the device and ignores --data "
+                  f"{cfg.data}; name a real --loader to train on it", file=sys.stderr)
+        warn_oversubscribed_workers(cfg, world_size)
+    with held:
+        return launch(run, cfg, world_size)
 
 
 if __name__ == "__main__":

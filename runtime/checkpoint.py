@@ -15,6 +15,7 @@ import io
 import os
 import random
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,47 @@ import torch
 MAGIC = b"FBYOLCK1"
 DIGEST_BYTES = 32
 NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+# `atomic_write`'s temp files: .<name>.tmp-<host>-<pid> (.<name>.tmp-<pid> before the host was added).
+TEMP_NAME = re.compile(r"^\..+\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
 class CorruptCheckpoint(RuntimeError):
     pass
 
 
+def temp_path(path: Path) -> Path:
+    """Where `atomic_write` writes before the rename: named by host and pid, so a later run can tell a dead
+    writer's leftover from a live one's even when several machines share the folder."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temp files of writers killed mid-write (up to a checkpoint's size each) and return them.
+    Only files of this host whose process is gone: a live writer's file, or another host's, is left alone."""
+    if not folder.is_dir():
+        return []
+    host = socket.gethostname()
+    stale = [path for path in folder.iterdir()
+             if (m := TEMP_NAME.match(path.name)) and m.group("host") in (host, None)
+             and not pid_alive(int(m.group("pid")))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -76,6 +110,10 @@ class CheckpointDir:
     def __init__(self, folder: Path, keep: int):
         self.folder = folder
         self.keep = keep
+
+    def sweep_stale_temp_files(self) -> list[Path]:
+        """Called by the process that owns the folder (it holds the --out lock) when it opens it."""
+        return sweep_stale_temp_files(self.folder)
 
     def paths(self) -> list[Path]:
         """Checkpoints, newest (highest step) first."""
@@ -138,12 +176,14 @@ def export_backbone(path: Path, encoder: torch.nn.Module) -> None:
 
 def training_state(
     byol: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-    step: int, steps_per_epoch: int, rng: list[dict[str, Any]], config: dict[str, Any],
+    step: int, steps_per_epoch: int, rng: list[dict[str, Any]], config: dict[str, Any], elapsed_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Everything a resume needs; `rng` holds one RNG state per rank, in rank order."""
+    """Everything a resume needs; `rng` holds one RNG state per rank, in rank order. `elapsed_s`: training
+    wall time so far, so the metrics' elapsed_s carries on after a resume instead of restarting at 0."""
     return {
         "format": 1,
         "step": step,
+        "elapsed_s": elapsed_s,
         "epoch": step // steps_per_epoch,
         "steps_into_epoch": step % steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,

@@ -57,6 +57,16 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def is_launching_process() -> bool:
+    """The process that owns the run's --out: the one `launch` runs in, or rank 0 under torchrun."""
+    return not under_launcher() or os.environ["RANK"] == "0"
+
+
+def local_processes(world_size: int) -> int:
+    """Training processes on this machine (torchrun says it in LOCAL_WORLD_SIZE; `launch` starts them all here)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_launcher() else world_size
+
+
 def planned_processes(gpus: int | None, processes: int) -> tuple[int, int]:
     """(gpus, world size) for this run. Under a launcher the world size is its WORLD_SIZE."""
     gpus = visible_gpus() if gpus is None else gpus

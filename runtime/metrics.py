@@ -81,8 +81,8 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step or None)
-        except ImportError:
-            print("note: tensorboard is not installed, so no TensorBoard logs (pip install tensorboard)")
+        except ImportError:  # optional, as the README says: no note on every run's console
+            pass
 
     def write(self, record: dict[str, float]) -> None:
         self.csv.writerow({k: record.get(k, "") for k in COLUMNS})

@@ -6,6 +6,16 @@ import signal
 from types import FrameType
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: workers ignore SIGTERM / SIGINT and leave stopping to the main process.
+
+    `timeout`, SLURM, Kubernetes and a terminal's Ctrl-C signal the whole process group; a worker killed by
+    it makes torch raise in the main process (from its SIGCHLD handler, at any point of the step) before
+    the trainer can checkpoint. The main process shuts its workers down itself when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopRequest:
     """Installs handlers that only record the signal; the training loop decides when to stop.
 

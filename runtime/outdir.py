@@ -1,0 +1,73 @@
+"""The --out folder: created and probed before anything is built, and held by one run at a time.
+
+Two trainers on one --out would interleave metrics and overwrite each other's checkpoints and
+backbone.pt. The run takes an exclusive `flock` on OUT/.fastbyol.lock and writes who it is into it;
+the OS drops the lock when the process ends, however it ends, so a crashed or killed run never
+leaves --out locked. The lock file itself is never deleted: removing it would let a second run lock
+a fresh inode while the first still holds the old one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+
+LOCK_NAME = ".fastbyol.lock"
+
+
+def prepare_out(out: Path) -> None:
+    """Create --out and write a probe file in it. `os.access` cannot tell: it says yes to root on read-only
+    mounts and /proc, and nothing about a parent that is a regular file."""
+    probe = out / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"fastbyol")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create files there ({err.strerror or err}); "
+                         "choose a writable folder") from None
+
+
+def _holder(fd: int) -> str:
+    """'pid P on host H, started T' from a held lock file (written by `OutLock.__enter__`)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError):  # the holder has not written its line yet
+        return "holder not known yet"
+
+
+class OutLock:
+    """`with OutLock(out):` holds --out for this run; a second run gets ValueError naming the holder."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ValueError(f"--out {self.out} is in use by another run ({holder}); wait for it to end, "
+                             "stop it, or choose another --out") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
