@@ -31,6 +31,7 @@ from pipelines.base import Batch, LoaderConfig
 from pipelines.gpu_augment import blur_matrices, gaussian_kernels, hsv_saturation
 from pipelines.imagefolder import ImageFolderIndex, SkipLog, Unreadable, load_index, read_rgb
 from pipelines.views import ViewRecipe, ViewSpec
+from runtime.signals import ignore_stop_signals
 
 
 def _draw(low: float, high: float) -> float:
@@ -181,6 +182,7 @@ class TorchvisionTwoViewLoader:
             pin_memory=cfg.device.type == "cuda", collate_fn=collate_skipping,
             # Per-rank worker seeds, so ranks draw different augmentations for their samples.
             generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + cfg.rank),
+            worker_init_fn=ignore_stop_signals,  # a signal to the process group must reach only the trainer
         )
 
     def __len__(self) -> int:
