@@ -589,10 +589,11 @@ def check_throughput(ctx: Context, timeout: float) -> CheckResult:
         "loader_images_per_s": {n: r["images_per_s"] for n, r in sections["loader"].items()},
         "end_to_end_images_per_s": {n: r["images_per_s"] for n, r in sections["end_to_end"].items()},
         "step_images_per_s": {n: r["images_per_s"] for n, r in sections["step"].items()},
-        "ceiling": result["ceiling"], "best_loader": result["best_loader"],
+        "ceiling": result["ceiling"], "best_loader": result["best_loader"], "baseline": result["baseline"],
+        "speedup_vs_baseline": result["speedup_vs_baseline"],
         "bound": {n: v["bound"] for n, v in result["verdict"].items()}, "skipped": result["skipped"],
         "files": [p.name for p in (out.with_suffix(".json"), out.with_suffix(".png")) if p.is_file()]}
-    loaders = ", ".join(f"{n} {ips:,.0f}" for n, ips in numbers["loader_images_per_s"].items() if n != "synthetic")
+    loaders = ", ".join(f"{n} {ips:,.0f}" for n, ips in numbers["loader_images_per_s"].items())
     ceiling = numbers["step_images_per_s"].get(result["ceiling"] or "")
     headline = f"loaders {loaders} img/s" + (f"; step {ceiling:,.0f} img/s" if ceiling else "")
     # Every loader is installed on an accepted machine: one the benchmark had to skip is a failure.

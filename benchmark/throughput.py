@@ -1,47 +1,65 @@
-"""Throughput of every loader, of the BYOL step, and of both together, on this machine (CPU or GPU).
+"""Throughput of every loader and baseline, of the BYOL step, and of both together, on this machine (CPU or GPU).
 
     python benchmark/throughput.py                     # full run for this machine's device
     python benchmark/throughput.py --quick             # seconds-long smoke run (what the tests use)
-    python benchmark/throughput.py --loaders dali torchvision --sections loader --res 224 --batch-size 64
+    python benchmark/throughput.py --loaders dali solo-learn --sections loader --res 224 --batch-size 64
 
 An image is one dataset image delivered as BOTH augmented views on the training device (ffcv
 includes its on-device augmentation). Sections:
-- decode:      PIL (libjpeg-turbo) decode of the corpus JPEGs in a process pool over all cores, nothing
-               else: the physical limit of any CPU loader (run by default on CPU only).
-- loader:      loader-only images/s for each installed loader (dali, ffcv, torchvision, synthetic).
-- step:        step-only images/s from synthetic device views: eager/compiled x fused LARS (`lars`) /
-               per-parameter torch-optimizer LARS (`lars-reference`). The compute ceiling.
-- end_to_end:  each loader feeding the real step (the ceiling's configuration).
+- decode:        PIL (libjpeg-turbo) decode of the corpus JPEGs in a process pool over all cores, nothing
+                 else: the physical limit of any CPU loader (run by default on CPU only).
+- loader:        loader-only images/s of each installed loader (dali, ffcv, torchvision) and of the
+                 solo-learn baseline (benchmark/baselines.py). Every speed-up is quoted against the
+                 faster of the baselines (torchvision, solo-learn): `baseline` in the JSON.
+- step:          step-only images/s from synthetic device views (made once on the device and replayed,
+                 so they cost nothing: the synthetic loader is the step's feeder, not a loader figure):
+                 eager/compiled x fused LARS (`lars`) / the same formula one parameter at a time
+                 (`lars-loop`, the reference: the ratio isolates the fusion, `lars_agreement` checks the
+                 two give the same weights) / torch-optimizer's LARS (`torch-optimizer-lars`, the
+                 LARC formula a user would otherwise pick). The compute ceiling.
+- end_to_end:    each loader feeding the real step (the ceiling's configuration).
+- ffcv_variants: FFCV decode-once vs stock FFCV (two decoders), crops only and with the augmentation
+                 (benchmark/ffcv_variants.py), and the decode/crop cost model `ffcv_costs`.
 Warm-up (pipeline build, compilation, the first pass through the OS cache) is never timed: every
-corpus file is read once first, then `--warmup` batches/steps run untimed. Each figure is the
-median of `--repeats` runs; the loaders keep streaming across runs and epochs.
+corpus file is read once first, then `--warmup` batches/steps run untimed. Each figure is the median
+of `--repeats` runs; a run lasts at least `--batches` batches (`--steps` steps) AND `--seconds`
+(`--step-seconds`), so slow steps are timed long enough to be stable. The loaders keep streaming
+across runs and epochs.
 
 Defaults follow the device (`PRESETS`). On CUDA: ResNet-50, batch 256, bf16 views and autocast,
 channels_last, eager and compiled; DALI decodes with device="mixed" (nvJPEG, partly the hardware
 decoder) and augments on the GPU, ffcv decodes and crops on the CPU and runs gpu_augment on the GPU.
-On CPU: ResNet-18, batch 32, fp32, eager only and two steps per run (a ResNet-50 BYOL step runs at
-about 1 image/s on 2 cores; compile with --compile-modes eager compiled), so on CPU the loader-only
-figures are the meaningful ones. All device choices are made in `Bench`.
+On CPU: ResNet-18, batch 32, eager, each step/end-to-end run at least 30 s. All device choices are
+made in `Bench`.
 
-JSON (benchmark/results/<device>-<date>.json; stable keys, schema_version 1):
+JSON (benchmark/results/<device>-<date>.json; runs/benchmark/<device>-<date>-quick.json with --quick;
+stable keys, schema_version 2):
     environment: date, device ("cpu"|"cuda"), device_name, cpu_model, cpu_cores_used, cpu_count,
                  torch_threads, load_average [1, 5, 15 min] at the start, load_average_end, hostname,
                  versions {python, torch, ...}, git_commit
     setup:       corpus, corpus_images, beton, res, batch_size, arch, small_images, hidden_dim,
-                 precision, view_dtype, workers, repeats, loader_batches, loader_warmup, steps,
-                 step_warmup, compile_modes, optimizers, loaders, sections, quick, notes [str]
+                 precision, view_dtype, workers, repeats, loader_batches, loader_seconds, loader_warmup,
+                 steps, step_seconds, step_warmup, compile_modes, optimizers, loaders, sections, quick,
+                 notes [str]
     sections:    {decode: {pil: R}, loader: {<loader>: R}, step: {<compile>-<optimizer>: R},
-                  end_to_end: {<loader>: R}}, a section not run is {}; R = {images_per_s (median),
-                  min, max, spread_pct ((max-min)/median), runs [images/s], warmup, per_run, unit}
+                  end_to_end: {<loader>: R}, ffcv_variants: {<variant>: R}}, a section not run is {};
+                  R = {images_per_s (median), min, max, spread_pct ((max-min)/median), runs [images/s],
+                  seconds [s per run], units [batches/steps per run], warmup, per_run (minimum units),
+                  min_seconds, unit}
     ceiling:     key of sections.step that end_to_end runs and verdicts compare with, or null
     verdict:     {<loader>: {bound ("loader"|"compute"), loader_images_per_s, step_images_per_s,
-                  loader_over_step, end_to_end_images_per_s, end_to_end_pct_of_step,
+                  loader_over_step, end_to_end_images_per_s, end_to_end_pct_of_step, above_ceiling,
                   loader_pct_of_decode}} for loaders with both a loader-only figure and a ceiling;
-                  bound is "loader" exactly when loader_images_per_s < step_images_per_s; the
-                  end_to_end and decode fields are null when that section did not run (decode also
-                  for synthetic, which reads no files)
-    speedup_vs_torchvision: {<loader>: loader-only images/s / torchvision's}, {} without torchvision
-    best_loader: the fastest real (non-synthetic) loader by loader-only images/s, or null
+                  bound is "loader" exactly when loader_images_per_s < step_images_per_s;
+                  above_ceiling is true when end-to-end came out above the step it runs, which it
+                  cannot be: that excess is measurement noise (null without end-to-end); the
+                  end_to_end and decode fields are null when that section did not run
+    baseline:    the strongest baseline (the faster of torchvision and solo-learn loader-only), or null
+    speedup_vs_baseline: {<loader>: loader-only images/s / the baseline's}, {} without a baseline
+    best_loader: the fastest fastbyol loader (dali, ffcv) by loader-only images/s, or null
+    lars_agreement: {steps, max_abs_diff, max_abs_param} of the online weights after the same `steps`
+                 eager steps with `lars` and with `lars-loop` from the same start, or null
+    ffcv_costs:  {images, decode_ms, crop_ms, once_vs_twice_model} (ffcv_variants section) or null
     skipped:     {<loader or section>: reason}
 """
 
@@ -66,6 +84,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from PIL import Image
 
+from benchmark.baselines import BASELINES, build_baseline, strongest_baseline
+from benchmark.ffcv_variants import VARIANTS, build_variant, decode_crop_costs
 from benchmark.make_corpus import CORPUS_VERSION, make_corpus
 from benchmark.report import plot, print_report, write_json
 from benchmark.timing import (
@@ -75,24 +95,29 @@ from benchmark.timing import (
     environment,
     measure_loader,
     measure_stream,
+    rate_of,
     time_runs,
     warm_os_cache,
 )
 from config import TrainConfig
 from models.schedules import scaled_lr
 from models.step import ByolStep
-from pipelines.base import Batch, LoaderConfig, LoaderUnavailable
+from pipelines.base import Batch, LoaderConfig, LoaderUnavailable, TwoViewLoader
+from pipelines.ffcv_convert import DEFAULT_JPEG_QUALITY
 from pipelines.imagefolder import load_index
 from pipelines.registry import LOADER_MODULES, build_loader, is_available
 from pipelines.views import BYOL_VIEWS
 from train import build_model, build_step, step_precision, view_dtype
 
-SECTIONS = ("decode", "loader", "step", "end_to_end")
+SECTIONS = ("decode", "loader", "step", "end_to_end", "ffcv_variants")
 COMPILE_MODES = ("eager", "compiled")
-OPTIMIZERS = ("lars", "lars-reference")
-SCHEMA_VERSION = 1
-# Loaders that read no files: no decode limit, no place among the real loaders.
-GENERATED = ("synthetic",)
+OPTIMIZERS = ("lars", "lars-loop", "torch-optimizer-lars")
+SCHEMA_VERSION = 2
+# The synthetic loader replays views made once on the device: the step section's feeder, not a loader.
+FEEDER = "synthetic"
+FASTBYOL_LOADERS = tuple(name for name in LOADER_MODULES if name not in (FEEDER, *BASELINES))
+LOADERS = (*FASTBYOL_LOADERS, *BASELINES)
+LARS_AGREEMENT_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -105,9 +130,11 @@ class Sizes:
     hidden_dim: int
     images: int  # corpus size when --corpus is not given
     repeats: int
-    batches: int  # loader batches per timed run
+    batches: int  # loader batches per timed run, at least
+    seconds: float  # loader seconds per timed run, at least
     warmup: int  # untimed loader batches
-    steps: int  # steps per timed run (step and end-to-end)
+    steps: int  # steps per timed run (step and end-to-end), at least
+    step_seconds: float  # step and end-to-end seconds per timed run, at least
     step_warmup: int
     compile_modes: tuple[str, ...]
     sections: tuple[str, ...]
@@ -116,15 +143,17 @@ class Sizes:
 
 PRESETS = {
     "cuda": Sizes(res=224, batch_size=256, arch="resnet50", hidden_dim=4096, images=5000, repeats=5, batches=30,
-                  warmup=10, steps=20, step_warmup=5, compile_modes=COMPILE_MODES,
-                  sections=("loader", "step", "end_to_end")),
-    # A ResNet-18 BYOL step of 32 images at 224 px takes about 4.5 s on 2 idle cores: two steps per run.
+                  seconds=5.0, warmup=10, steps=20, step_seconds=5.0, step_warmup=5, compile_modes=COMPILE_MODES,
+                  sections=("loader", "step", "end_to_end", "ffcv_variants")),
+    # A ResNet-18 BYOL step of 32 images at 224 px takes seconds on 2 cores: 30 s per run keeps the
+    # step and end-to-end spread small enough to compare the two.
     "cpu": Sizes(res=224, batch_size=32, arch="resnet18", hidden_dim=4096, images=1000, repeats=3, batches=10,
-                 warmup=3, steps=2, step_warmup=1, compile_modes=("eager",), sections=SECTIONS),
+                 seconds=10.0, warmup=3, steps=2, step_seconds=30.0, step_warmup=1, compile_modes=("eager",),
+                 sections=SECTIONS),
     # The ImageNet stem at 32 px: the CIFAR stem would make the smoke run's step 16x as costly.
     "quick": Sizes(res=32, batch_size=8, arch="resnet18", hidden_dim=256, images=48, repeats=2, batches=2,
-                   warmup=1, steps=2, step_warmup=1, compile_modes=("eager",), sections=SECTIONS,
-                   small_images=False),
+                   seconds=0.0, warmup=1, steps=2, step_seconds=0.0, step_warmup=1, compile_modes=("eager",),
+                   sections=SECTIONS, small_images=False),
 }
 
 
@@ -158,20 +187,31 @@ class Bench:
         return view_dtype(self.train_config, self.device)
 
     def loader_config(self, name: str) -> LoaderConfig:
-        return LoaderConfig(data=self.beton if name == "ffcv" else self.corpus, batch_size=self.sizes.batch_size,
+        reads_beton = name == "ffcv" or name in VARIANTS
+        return LoaderConfig(data=self.beton if reads_beton else self.corpus, batch_size=self.sizes.batch_size,
                             recipe=BYOL_VIEWS.with_overrides(res=self.sizes.res), device=self.device,
                             dtype=self.dtype, workers=self.workers,
                             compile="compiled" in self.sizes.compile_modes)
 
     def build_step(self, compile_mode: str, optimizer: str) -> ByolStep:
         cfg = replace(self.train_config, optimizer=optimizer, compile=compile_mode == "compiled")
+        torch.manual_seed(cfg.seed)  # every step starts from the same weights
         return build_step(cfg, build_model(cfg, self.device), self.device)
+
+
+def build_any(name: str, cfg: LoaderConfig) -> TwoViewLoader:
+    """A fastbyol loader, a baseline or an ffcv variant by name."""
+    if name in BASELINES:
+        return build_baseline(name, cfg)
+    if name in VARIANTS:
+        return build_variant(name, cfg)
+    return build_loader(name, cfg)
 
 
 @contextlib.contextmanager
 def batch_stream(name: str, cfg: LoaderConfig) -> Iterator[Iterator[Batch]]:
     """An endless batch stream of the named loader, shut down (threads, workers) on exit."""
-    stream = endless(build_loader(name, cfg))
+    stream = endless(build_any(name, cfg))
     try:
         yield stream
     finally:
@@ -192,13 +232,14 @@ def measure_decode(paths: list[str], workers: int, repeats: int) -> Rate:
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_decode, chunks))  # starts the workers and imports PIL there
 
-        def run() -> int:
-            return sum(pool.map(_decode, chunks))
+        def run() -> tuple[int, int]:
+            files = sum(pool.map(_decode, chunks))
+            return files, files
 
-        return Rate(tuple(time_runs(run, repeats, torch.device("cpu"))), warmup=1, per_run=len(paths), unit="files")
+        return rate_of(time_runs(run, repeats, torch.device("cpu")), warmup=1, per_run=len(paths), unit="files")
 
 
-def measure_step(bench: Bench, step: ByolStep, loader: str = "synthetic") -> Rate:
+def measure_step(bench: Bench, step: ByolStep, loader: str = FEEDER) -> Rate:
     """Step images/s fed by `loader`: synthetic device views give the step-only ceiling, a real
     loader gives end-to-end."""
     s, cfg = bench.sizes, bench.train_config
@@ -208,7 +249,26 @@ def measure_step(bench: Bench, step: ByolStep, loader: str = "synthetic") -> Rat
         step(batch[0], batch[1], lr, tau)
 
     with batch_stream(loader, bench.loader_config(loader)) as stream:
-        return measure_stream(stream, consume, s.step_warmup, s.steps, s.repeats, bench.device, "steps")
+        return measure_stream(stream, consume, s.step_warmup, s.steps, s.repeats, bench.device, "steps",
+                              s.step_seconds)
+
+
+def lars_agreement(bench: Bench, steps: int = LARS_AGREEMENT_STEPS) -> dict:
+    """The fused `lars` and the per-parameter `lars-loop` from the same weights on the same batches:
+    the largest difference of any online weight after `steps` eager steps."""
+    cfg = bench.train_config
+    lr, tau = scaled_lr(cfg.base_lr, bench.sizes.batch_size), cfg.tau_base
+    fused, loop = (bench.build_step("eager", name) for name in ("lars", "lars-loop"))
+    with batch_stream(FEEDER, bench.loader_config(FEEDER)) as stream:
+        for _ in range(steps):
+            view1, view2, _ = next(stream)
+            fused(view1, view2, lr, tau)
+            loop(view1, view2, lr, tau)
+    pairs = [(a.detach(), b.detach()) for a, b in zip(fused.byol.online.parameters(), loop.byol.online.parameters(),
+                                                       strict=True)]
+    return {"steps": steps,
+            "max_abs_diff": max(float((a - b).abs().max()) for a, b in pairs),
+            "max_abs_param": max(float(a.abs().max()) for a, _ in pairs)}
 
 
 def ceiling_key(compile_modes: tuple[str, ...]) -> str:
@@ -221,16 +281,17 @@ def verdicts(sections: dict, ceiling: str | None) -> dict:
     if step is None:
         return {}
     out = {}
+    decode = sections["decode"].get("pil", {}).get("images_per_s")
     for name, rate in sections["loader"].items():
         loader_ips, step_ips = rate["images_per_s"], step["images_per_s"]
         e2e = sections["end_to_end"].get(name, {}).get("images_per_s")
-        decode = None if name in GENERATED else sections["decode"].get("pil", {}).get("images_per_s")
         out[name] = {
             "bound": "loader" if loader_ips < step_ips else "compute",
             "loader_images_per_s": loader_ips, "step_images_per_s": step_ips,
             "loader_over_step": loader_ips / step_ips,
             "end_to_end_images_per_s": e2e,
             "end_to_end_pct_of_step": None if e2e is None else 100.0 * e2e / step_ips,
+            "above_ceiling": None if e2e is None else e2e > step_ips,
             "loader_pct_of_decode": None if decode is None else 100.0 * loader_ips / decode,
         }
     return out
@@ -249,7 +310,7 @@ def _measured(name: str, skipped: dict[str, str], measure: Callable[..., Rate], 
 
 
 def run_sections(bench: Bench, loaders: list[str], sections: tuple[str, ...], optimizers: tuple[str, ...],
-                 skipped: dict[str, str]) -> tuple[dict, str | None]:
+                 skipped: dict[str, str]) -> tuple[dict, str | None, dict | None, dict | None]:
     s = bench.sizes
     results: dict[str, dict] = {section: {} for section in SECTIONS}
     if "decode" in sections:
@@ -257,11 +318,17 @@ def run_sections(bench: Bench, loaders: list[str], sections: tuple[str, ...], op
 
     def loader_only(name: str) -> Rate:
         with batch_stream(name, bench.loader_config(name)) as stream:
-            return measure_loader(stream, s.warmup, s.batches, s.repeats, bench.device)
+            return measure_loader(stream, s.warmup, s.batches, s.repeats, bench.device, s.seconds)
 
     for name in loaders if "loader" in sections else ():
         if (rate := _measured(name, skipped, loader_only, name)) is not None:
             results["loader"][name] = rate
+    costs = None
+    if "ffcv_variants" in sections and "ffcv" in loaders:
+        for name in VARIANTS:
+            if (rate := _measured(name, skipped, loader_only, name)) is not None:
+                results["ffcv_variants"][name] = rate
+        costs = decode_crop_costs(bench.paths, s.res, DEFAULT_JPEG_QUALITY)
     ceiling = ceiling_key(s.compile_modes) if {"step", "end_to_end"} & set(sections) else None
     configs = [f"{c}-{o}" for c in s.compile_modes for o in optimizers] if "step" in sections else []
     if "end_to_end" in sections and ceiling not in configs:
@@ -276,7 +343,8 @@ def run_sections(bench: Bench, loaders: list[str], sections: tuple[str, ...], op
         gc.collect()
         if bench.device.type == "cuda":
             torch.cuda.empty_cache()
-    return results, ceiling
+    agreement = lars_agreement(bench) if "step" in sections and {"lars", "lars-loop"} <= set(optimizers) else None
+    return results, ceiling, agreement, costs
 
 
 def prepare_corpus(corpus: str | None, cache: Path, images: int) -> str:
@@ -311,7 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmark/throughput.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--loaders", nargs="+", default=list(LOADER_MODULES), choices=list(LOADER_MODULES))
+    parser.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=list(LOADERS),
+                        help="fastbyol loaders and baselines to measure (default: all)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="default: all (decode on CPU only)")
     parser.add_argument("--corpus", help="ImageFolder root of JPEGs (default: build one in --cache)")
     parser.add_argument("--images", type=int, help="size of the corpus built when --corpus is not given")
@@ -320,16 +389,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"))
     parser.add_argument("--hidden-dim", type=int, help="projector/predictor hidden width")
     parser.add_argument("--repeats", type=int, help="timed runs per figure (median reported)")
-    parser.add_argument("--batches", type=int, help="loader batches per timed run")
+    parser.add_argument("--batches", type=int, help="loader batches per timed run, at least")
+    parser.add_argument("--seconds", type=float, help="loader seconds per timed run, at least")
     parser.add_argument("--warmup", type=int, help="untimed loader batches before timing")
-    parser.add_argument("--steps", type=int, help="steps per timed run (step and end-to-end)")
+    parser.add_argument("--steps", type=int, help="steps per timed run (step and end-to-end), at least")
+    parser.add_argument("--step-seconds", type=float, help="seconds per step and end-to-end run, at least")
     parser.add_argument("--step-warmup", type=int, help="untimed steps (compilation happens here)")
     parser.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES)
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     parser.add_argument("--cores", type=int, help="pin the run and its workers to this many cores (default: all)")
     parser.add_argument("--cache", type=Path, default=REPO / "data" / "bench", help="corpus and .beton cache")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: "
-                        "benchmark/results/<device>-<date>; runs/benchmark/... with --quick)")
+                        "benchmark/results/<device>-<date>; runs/benchmark/<device>-<date>-quick with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="seconds-long smoke run: tiny corpus, res 32, small resnet18, 2 batches, no compile")
     return parser.parse_args(argv)
@@ -347,8 +418,9 @@ def resolve_sizes(args: argparse.Namespace, device: torch.device) -> Sizes:
     for name in ("res", "batch_size", "hidden_dim", "images", "repeats", "batches", "steps"):
         if getattr(sizes, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(sizes, name)}")
-    if sizes.warmup < 0 or sizes.step_warmup < 0:
-        raise ValueError("--warmup and --step-warmup must be at least 0")
+    for name in ("warmup", "step_warmup", "seconds", "step_seconds"):
+        if getattr(sizes, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(sizes, name)}")
     return sizes
 
 
@@ -378,14 +450,12 @@ def pin_cores(cores: list[int], quick: bool) -> int:
 
 
 def notes(bench: Bench, sections: tuple[str, ...]) -> list[str]:
-    found = []
-    if bench.device.type == "cpu":
-        found.append(f"CPU run: the step and end-to-end sections use {bench.sizes.arch} and "
-                     f"{bench.sizes.steps} step(s) per run; loader-only is the meaningful CPU figure")
-        if "end_to_end" in sections:
-            found.append("CPU end-to-end: loader workers and the step share the same cores")
+    found = [f"the {FEEDER} loader feeds the step section (views made once on the device, replayed at no "
+             "cost); it has no loader figure"]
+    if bench.device.type == "cpu" and "end_to_end" in sections:
+        found.append("CPU end-to-end: loader workers and the step share the same cores")
     if bench.beton:
-        found.append("ffcv reads a .beton of the corpus re-encoded as JPEG quality 90")
+        found.append(f"ffcv reads a .beton of the corpus re-encoded as JPEG quality {DEFAULT_JPEG_QUALITY}")
     if bench.quick:
         found.append("--quick smoke run: tiny sizes, the figures say nothing about speed")
     return found
@@ -402,20 +472,25 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     skipped: dict[str, str] = {}
     loaders = []
     for name in args.loaders:
-        if is_available(name):
+        module = "torchvision" if name in BASELINES else name
+        if is_available(module):
             loaders.append(name)
         else:
-            skipped[name] = f"not installed (see {LOADER_MODULES[name]})"
-    uses_loaders = {"loader", "end_to_end"} & set(sizes.sections)
-    beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders and uses_loaders else None
+            skipped[name] = f"not installed (see {LOADER_MODULES[module]})"
+    if "ffcv_variants" in sizes.sections and "ffcv" not in loaders:
+        skipped["ffcv_variants"] = "needs the ffcv loader (not installed or not in --loaders)"
+    reads_beton = {"loader", "end_to_end", "ffcv_variants"} & set(sizes.sections)
+    beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders and reads_beton else None
     paths = [path for path, _ in load_index(corpus).samples]
     bench = Bench(device, sizes, cores, workers, corpus, paths, beton, args.quick)
     warm_os_cache(paths + ([beton] if beton else []))
-    sections, ceiling = run_sections(bench, loaders, sizes.sections, tuple(args.optimizers), skipped)
+    sections, ceiling, agreement, costs = run_sections(bench, loaders, sizes.sections, tuple(args.optimizers),
+                                                       skipped)
     env["load_average_end"] = list(os.getloadavg())
     cfg = bench.train_config
-    real = {n: r["images_per_s"] for n, r in sections["loader"].items() if n not in GENERATED}
-    baseline = real.get("torchvision")
+    measured = {n: r["images_per_s"] for n, r in sections["loader"].items()}
+    baseline = strongest_baseline(measured)
+    ours = {n: ips for n, ips in measured.items() if n in FASTBYOL_LOADERS}
     result = {
         "schema_version": SCHEMA_VERSION,
         "environment": env,
@@ -424,15 +499,19 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
             "res": sizes.res, "batch_size": sizes.batch_size, "arch": sizes.arch, "small_images": cfg.small_images,
             "hidden_dim": sizes.hidden_dim, "precision": bench.precision, "view_dtype": str(bench.dtype),
             "workers": workers, "repeats": sizes.repeats, "loader_batches": sizes.batches,
-            "loader_warmup": sizes.warmup, "steps": sizes.steps, "step_warmup": sizes.step_warmup,
+            "loader_seconds": sizes.seconds, "loader_warmup": sizes.warmup, "steps": sizes.steps,
+            "step_seconds": sizes.step_seconds, "step_warmup": sizes.step_warmup,
             "compile_modes": list(sizes.compile_modes), "optimizers": list(args.optimizers), "loaders": loaders,
             "sections": list(sizes.sections), "quick": args.quick, "notes": notes(bench, sizes.sections),
         },
         "sections": sections,
         "ceiling": ceiling,
         "verdict": verdicts(sections, ceiling),
-        "speedup_vs_torchvision": {n: ips / baseline for n, ips in real.items()} if baseline else {},
-        "best_loader": max(real, key=real.get) if real else None,
+        "baseline": baseline,
+        "speedup_vs_baseline": {n: ips / measured[baseline] for n, ips in measured.items()} if baseline else {},
+        "best_loader": max(ours, key=ours.get) if ours else None,
+        "lars_agreement": agreement,
+        "ffcv_costs": costs,
         "skipped": skipped,
     }
     date = dt.date.today().isoformat()

@@ -31,12 +31,17 @@ PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120"
 
 @dataclass(frozen=True)
 class Rate:
-    """Images/s of `runs` timed repetitions, each over `per_run` units (batches, steps, files)."""
+    """Images/s of `runs` timed repetitions, each over at least `per_run` units (batches, steps, files)
+    and, for stream figures, at least `min_seconds`: a run goes on by time, not by count, so a slow
+    step is timed as long as a fast loader and the spread shrinks accordingly."""
 
     runs: tuple[float, ...]
     warmup: int
     per_run: int
     unit: str
+    min_seconds: float = 0.0
+    seconds: tuple[float, ...] = ()  # each run's wall time
+    units: tuple[int, ...] = ()  # units each run took
 
     @property
     def median(self) -> float:
@@ -49,7 +54,8 @@ class Rate:
 
     def to_dict(self) -> dict:
         return {"images_per_s": self.median, "min": min(self.runs), "max": max(self.runs),
-                "spread_pct": self.spread_pct, **asdict(self), "runs": list(self.runs)}
+                "spread_pct": self.spread_pct, **asdict(self), "runs": list(self.runs),
+                "seconds": list(self.seconds), "units": list(self.units)}
 
 
 def synchronize(device: torch.device) -> None:
@@ -57,18 +63,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runs(run: Callable[[], int], repeats: int, device: torch.device) -> list[float]:
-    """Call `run` (which returns how many images it handled) `repeats` times; images/s of each call."""
+def time_runs(run: Callable[[], tuple[int, int]], repeats: int, device: torch.device) -> list[tuple[float, float, int]]:
+    """Call `run` (which returns the images and units it handled) `repeats` times; (images/s, seconds,
+    units) of each call. The clock stops after the device has finished the work the run queued."""
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
-    rates = []
+    timed = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        images = run()
+        images, units = run()
         synchronize(device)
-        rates.append(images / (time.perf_counter() - start))
-    return rates
+        seconds = time.perf_counter() - start
+        timed.append((images / seconds, seconds, units))
+    return timed
+
+
+def rate_of(timed: list[tuple[float, float, int]], warmup: int, per_run: int, unit: str,
+            min_seconds: float = 0.0) -> Rate:
+    rates, seconds, units = zip(*timed, strict=True)
+    return Rate(tuple(rates), warmup, per_run, unit, min_seconds, tuple(seconds), tuple(units))
 
 
 def endless(loader: TwoViewLoader) -> Iterator[Batch]:
@@ -82,27 +96,31 @@ def endless(loader: TwoViewLoader) -> Iterator[Batch]:
 
 def measure_stream(
     stream: Iterator[Batch], consume: Callable[[Batch], None], warmup: int, per_run: int, repeats: int,
-    device: torch.device, unit: str,
+    device: torch.device, unit: str, min_seconds: float = 0.0,
 ) -> Rate:
-    """Rate of `consume(batch)` over a batch stream: `warmup` untimed batches, then `repeats` runs of
-    `per_run` batches. The stream continues across runs, so every run sees a warm pipeline."""
+    """Rate of `consume(batch)` over a batch stream: `warmup` untimed batches, then `repeats` runs of at
+    least `per_run` batches and at least `min_seconds` each. The stream continues across runs, so every
+    run sees a warm pipeline."""
     for _ in range(warmup):
         consume(next(stream))
 
-    def run() -> int:
-        images = 0
-        for _ in range(per_run):
+    def run() -> tuple[int, int]:
+        images = batches = 0
+        start = time.perf_counter()
+        while batches < per_run or time.perf_counter() - start < min_seconds:
             batch = next(stream)
             consume(batch)
             images += batch[0].shape[0]
-        return images
+            batches += 1
+        return images, batches
 
-    return Rate(tuple(time_runs(run, repeats, device)), warmup, per_run, unit)
+    return rate_of(time_runs(run, repeats, device), warmup, per_run, unit, min_seconds)
 
 
-def measure_loader(stream: Iterator[Batch], warmup: int, batches: int, repeats: int, device: torch.device) -> Rate:
+def measure_loader(stream: Iterator[Batch], warmup: int, batches: int, repeats: int, device: torch.device,
+                   min_seconds: float = 0.0) -> Rate:
     """Loader-only images/s of a batch stream (`endless(loader)`); an image = both views on `device`."""
-    return measure_stream(stream, lambda batch: None, warmup, batches, repeats, device, "batches")
+    return measure_stream(stream, lambda batch: None, warmup, batches, repeats, device, "batches", min_seconds)
 
 
 def warm_os_cache(paths: Iterable[str | os.PathLike]) -> int:
