@@ -271,3 +271,19 @@ def test_16_bit_png_is_not_white_in_the_evaluation_set(tmp_path):
         _gray16_png(tmp_path / f"class_{label}" / "gray16.png")
     images, _ = next(FolderSet(str(tmp_path), workers=0).batches(2, 16))
     assert 100 < images.float().mean() < 155  # a 0..65535 ramp: mid-grey on average, not 255
+
+
+@pytest.mark.timeout(60)
+def test_evaluation_set_stands_a_grey_image_in_for_a_file_deleted_after_the_scan(tmp_path, caplog):
+    """Every rank reads the labels from the sample list, so the sample stays, grey, with a warning."""
+    from evaluation.data import STAND_IN_GREY, FolderSet
+
+    paths = _folder(tmp_path, count=4)
+    data = FolderSet(str(tmp_path), workers=0)
+    paths[1].unlink()
+    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+        images, labels = next(data.batches(4, RES))
+    assert len(images) == len(labels) == 4
+    gone = [path for path, _ in data.samples].index(str(paths[1]))
+    assert (images[gone] == STAND_IN_GREY).all()
+    assert data.skipped[0][0] == str(paths[1]) and str(paths[1]) in caplog.text
