@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
-        train_set, test_set = eval_splits(args.data, args.val_data, args.train_limit, args.test_limit)
         encoders = {}
         if args.checkpoint:
             encoders[args.checkpoint] = load_encoder(args.checkpoint, args.arch, args.res <= SMALL_IMAGE_MAX_RES)
@@ -142,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             small = args.res <= SMALL_IMAGE_MAX_RES
             encoders[f"{args.arch} random init"] = load_encoder(None, args.arch, small, args.width)
+        # After the checkpoint: a bad one is refused before a large folder is scanned.
+        train_set, test_set = eval_splits(args.data, args.val_data, args.train_limit, args.test_limit)
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluation: error: {err}", file=sys.stderr)
         return 2
