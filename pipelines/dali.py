@@ -37,9 +37,12 @@ Choices the recipe leaves open (see also pipelines/views.py):
 - DALI has float16 but no bfloat16: for bf16 the pipeline emits float16 (normalized values lie
   within +-3, where float16 is finer than bf16) and torch converts it on the device.
 
-Epochs: files are pre-shuffled with `cfg.seed`, then the reader reshuffles the whole list every
-epoch with the same permutation on every rank (`shuffle_after_epoch`) and gives each rank a
-contiguous shard, so each sample is read exactly once per epoch across ranks. `drop_last=True`
+Epochs: every epoch runs on a pipeline built for it, whose file list is shuffled with (seed, epoch),
+the same on every rank, and whose augmentation seed is (seed, epoch, rank); the reader gives each
+rank a contiguous shard, so each sample is read exactly once per epoch across ranks. An epoch's
+order and augmentations are thus a function of (seed, epoch) alone: a run resumed mid-epoch (which
+draws and skips the batches it already trained on) sees what an uninterrupted run saw; a pipeline
+carried over from the previous epoch would reshuffle and draw on from wherever that left it. `drop_last=True`
 drops each rank's last partial batch; `drop_last=False` returns it partial (LastBatchPolicy.PARTIAL).
 
 Files DALI cannot read: the scan (pipelines/imagefolder.py) knows each file's real format from its
@@ -51,8 +54,10 @@ or fail the scan's checks now. It drops them with a warning naming each (`skippe
 rebuilds the pipeline for the same epoch and goes on after the batches this epoch already gave (the
 rest of the epoch is drawn from the new file list, so a few samples may come twice or not at all in
 it). A decode failure in a file that still passes the checks (a corrupt body behind intact markers)
-stops the run with one line that says so and names the way on: `--loader torchvision`, which skips
-such files one by one, naming each.
+stops the run with one line that says so and names the ways on: `python -m pipelines.imagefolder
+--deep-check ROOT` (decodes every file at 1/8 scale and lists the ones that fail), or `--loader
+torchvision`, which skips such files one by one, naming each. (A full decode check at every start-up
+would cost ImageNet minutes per run; the scan's head/tail check costs two small reads per file.)
 """
 
 from __future__ import annotations
@@ -380,6 +385,7 @@ class DaliTwoViewLoader:
         self._dtype = _dali_dtype(cfg.dtype)
         self._epoch = 0
         self._iterator = self._build(start_epoch=0)
+        self._used = False  # whether `_iterator` has given batches: a new epoch then needs a new pipeline
 
     def _build(self, start_epoch: int) -> DALIGenericIterator:
         """Pipeline starting at `start_epoch`: order and augmentations follow from (seed, start_epoch)."""
@@ -395,8 +401,9 @@ class DaliTwoViewLoader:
                 seed=_seed(cfg.seed, start_epoch, cfg.rank),
             )
             policy = LastBatchPolicy.DROP if cfg.drop_last else LastBatchPolicy.PARTIAL
+            # No auto_reset: the next epoch gets a pipeline of its own, and a reset would prefetch batches.
             return DALIGenericIterator([pipe], list(OUTPUTS), reader_name=READER, last_batch_policy=policy,
-                                       auto_reset=True)
+                                       auto_reset=False)
         except RuntimeError as err:
             raise DaliLoaderError(f"could not build the DALI pipeline for {self.index.root} on {cfg.device}: "
                                   f"{_reason(err)}") from err
@@ -405,11 +412,11 @@ class DaliTwoViewLoader:
         return len(self._iterator)
 
     def set_epoch(self, epoch: int) -> None:
-        """The reader reshuffles every epoch by itself; jumping to another epoch (resuming) rebuilds
-        the pipeline so its order depends only on (seed, epoch), not on how the run got there."""
-        if epoch != self._epoch:
+        """Start `epoch` on a new pipeline (unless the current one was built for it and is unused), so
+        its order and augmentations depend only on (seed, epoch), not on how the run got there."""
+        if epoch != self._epoch or self._used:
             self._iterator = self._build(start_epoch=epoch)
-            self._epoch = epoch
+            self._epoch, self._used = epoch, False
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -417,6 +424,9 @@ class DaliTwoViewLoader:
         return self.runtime_skips.skipped
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._used:  # iterated again without set_epoch: the next epoch, on its own pipeline
+            self.set_epoch(self._epoch)
+        self._used = True
         given = 0  # batches of this epoch already yielded
         while True:
             try:
@@ -441,8 +451,9 @@ class DaliTwoViewLoader:
         if not failed:
             raise DaliLoaderError(
                 f"DALI failed while loading {self.index.root}: {_reason(err)}; no file of it is missing or fails "
-                "the scan's checks, so a file with intact markers but a corrupt body is likely: train with "
-                "--loader torchvision, which skips such files one by one, naming each") from err
+                "the scan's checks, so a file with intact markers but a corrupt body is likely: list such files "
+                f"with `python -m pipelines.imagefolder --deep-check {self.index.root}` and move them out, or "
+                "train with --loader torchvision, which skips them one by one, naming each") from err
         for path, reason in failed:
             self.runtime_skips.add(Unreadable(path, reason))
         self.index = self.index.without(failed)

@@ -135,7 +135,8 @@ def test_dali_failure_with_no_file_to_blame_is_one_clear_error(tmp_path, monkeyp
         yield
 
     monkeypatch.setattr(loader, "_iterator", failing())
-    with pytest.raises(dali.DaliLoaderError, match=r"nvImageCodec failure: '#4'; no file of it .*--loader torchvision"):
+    expected = r"nvImageCodec failure: .#4.; no file of it .*--deep-check .*--loader torchvision"
+    with pytest.raises(dali.DaliLoaderError, match=expected):
         next(iter(loader))
 
 
@@ -287,3 +288,21 @@ def test_evaluation_set_stands_a_grey_image_in_for_a_file_deleted_after_the_scan
     gone = [path for path, _ in data.samples].index(str(paths[1]))
     assert (images[gone] == STAND_IN_GREY).all()
     assert data.skipped[0][0] == str(paths[1]) and str(paths[1]) in caplog.text
+
+
+def test_deep_check_lists_a_corrupt_body_the_scan_passes(tmp_path, capsys):
+    from pipelines.imagefolder import main as imagefolder_main
+
+    _folder(tmp_path, count=3)
+    broken = tmp_path / "class_0" / "broken.JPEG"
+    _corrupt_body_jpeg(broken)
+    (tmp_path / "class_1" / "empty.JPEG").write_bytes(b"")
+    assert str(broken) not in [path for path, _ in scan_image_folder(tmp_path).bad_files]
+    assert imagefolder_main(["--deep-check", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert sorted(line.split(": ")[0] for line in out.out.splitlines()) == sorted(
+        [str(broken), str(tmp_path / "class_1" / "empty.JPEG")])
+    assert "2 file(s)" in out.err
+    broken.unlink()
+    (tmp_path / "class_1" / "empty.JPEG").unlink()
+    assert imagefolder_main(["--deep-check", str(tmp_path)]) == 0
