@@ -75,8 +75,10 @@ def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_p
                        "--checkpoint-minutes", "1e-6", "--out", str(tmp_path))
     assert result.returncode == train.NAN_EXIT_CODE, result.stderr
     assert "non-finite" in result.stderr or "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
-    assert "last good checkpoint is kept" in result.stderr
-    for path in CheckpointDir(tmp_path / "checkpoints", keep=3).paths():
+    kept = CheckpointDir(tmp_path / "checkpoints", keep=3).paths()
+    # The message names a checkpoint only when one exists (tests/test_run_safety.py: the case without one).
+    assert (f"the last good checkpoint is kept: {kept[0]}" if kept else "no checkpoint was saved") in result.stderr
+    for path in kept:
         online = load_checkpoint(path)["online"]
         assert all(torch.isfinite(t).all() for t in online.values() if t.is_floating_point()), path.name
 

@@ -1,0 +1,288 @@
+"""Run safety and honest console output: signals to the process group, one run per --out, temp files of
+killed writers, resumes that cannot work, impossible batches, unwritable --out, out-of-range floats."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import runtime.preflight
+import train
+from config import TrainConfig
+from runtime.checkpoint import CheckpointDir, load_checkpoint
+from runtime.outdir import OutLock
+
+TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--width", "8", "--res", "8",
+        "--batch-size", "8", "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
+REAL = TINY[2:-2]  # without the synthetic loader and --workers 0
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """16 random 24x24 JPEGs in 2 classes: enough for a few batches of 4, cheap to decode."""
+    root = tmp_path_factory.mktemp("tiny") / "images"
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.jpg")
+    return root
+
+
+def start_train(out: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """train.py in its own session (so os.killpg reaches it and its workers, as `timeout` and SLURM do),
+    output to a file so waiting for a line can never block."""
+    log = out.with_name(out.name + ".log")
+    with open(log, "w") as f:
+        process = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(out)], stdout=f,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return process, log
+
+
+def wait_for_step(process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while "step " not in log.read_text():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "no training step logged in time:\n" + log.read_text()
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=TIMEOUT)
+
+
+def error_line(capsys, argv: list[str], code: int = 2) -> str:
+    """Run train.main in-process; it must return `code` and end with one error line, no traceback."""
+    assert train.main(argv) == code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: "), captured.err
+    return last.removeprefix("train.py: error: ")
+
+
+# 1. SIGTERM to the whole process group with DataLoader workers.
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_process_group_checkpoints_and_exits_143_with_torchvision_workers(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    process, log = start_train(out, *REAL, "--loader", "torchvision", "--data", str(tiny_folder),
+                               "--batch-size", "4", "--workers", "2", "--steps", "1000", "--log-every", "1")
+    try:
+        wait_for_step(process, log)
+        os.killpg(process.pid, signal.SIGTERM)  # the workers get it too
+        assert process.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM, log.read_text()
+    finally:
+        stop(process)
+    text = log.read_text()
+    assert "Traceback" not in text and "checkpoint saved" in text
+    [path] = CheckpointDir(out / "checkpoints", keep=3).paths()
+    assert load_checkpoint(path)["step"] >= 1
+
+
+# 2. One run per --out.
+
+@pytest.mark.timeout(300)
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    first, log = start_train(out, *TINY, "--steps", "100000", "--log-every", "1")
+    try:
+        wait_for_step(first, log)
+        second = subprocess.run([sys.executable, "train.py", *TINY, "--steps", "2", "--resume", "--out", str(out)],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        assert second.returncode == 2, second.stderr
+        [line] = second.stderr.strip().splitlines()
+        assert line.startswith(f"train.py: error: --out {out} is in use by another run (pid {first.pid} on host "
+                               f"{socket.gethostname()}, started ")
+        assert first.poll() is None  # the first run goes on untouched
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # dies without any cleanup of its own
+        first.wait(timeout=TIMEOUT)
+    with OutLock(out):  # the OS released the dead run's lock
+        pass
+
+
+def test_only_the_launching_process_or_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    cfg = TrainConfig(out=str(tmp_path), resume=True)
+    with OutLock(tmp_path):  # another run holds --out
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setenv("RANK", "1")
+        train.claim_out(cfg).close()  # a non-zero torchrun rank does not lock
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(ValueError, match="is in use by another run"):
+            train.claim_out(cfg)
+
+
+# 3. Temp files of killed checkpoint writers.
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_opening_out_removes_dead_writers_temp_files_only(tmp_path):
+    folder = tmp_path / "checkpoints"
+    CheckpointDir(folder, keep=3).save(1, {"step": 1})
+    # A writer killed mid-write, through atomic_write's own temp naming.
+    script = ("import os, sys; from pathlib import Path; from runtime.checkpoint import temp_path; "
+              "temp_path(Path(sys.argv[1])).write_bytes(b'x' * 1000); os._exit(9)")
+    subprocess.run([sys.executable, "-c", script, str(folder / "ckpt-000000002.pt")], check=False, timeout=TIMEOUT)
+    [killed] = [p for p in folder.iterdir() if ".tmp-" in p.name]
+    host, pid = socket.gethostname(), dead_pid()
+    legacy = folder / f".ckpt-000000003.pt.tmp-{pid}"  # named before the host was added
+    live = folder / f".ckpt-000000004.pt.tmp-{host}-{os.getpid()}"
+    elsewhere = folder / f".ckpt-000000005.pt.tmp-{host}x-{pid}"  # another machine on a shared disk
+    exported = tmp_path / f".backbone.pt.tmp-{host}-{pid}"
+    for path in (legacy, live, elsewhere, exported):
+        path.write_bytes(b"x")
+    train.claim_out(TrainConfig(out=str(tmp_path), resume=True)).close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["ckpt-000000001.pt", live.name, elsewhere.name])
+    assert not killed.exists() and not exported.exists()
+
+
+# 10. Resuming with options that change the saved tensors.
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A 2-step run with all its outputs (checkpoint at step 2)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train.main([*TINY, "--steps", "2", "--log-every", "1", "--out", str(out)]) == 0
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("--arch", "resnet34"), "--arch resnet18 -> resnet34"),
+    (("--hidden-dim", "32"), "--hidden-dim 64 -> 32"),
+    (("--optimizer", "sgd"), "--optimizer lars -> sgd"),
+    (("--res", "96"), "--res 8 -> 96, --small-images True -> False"),
+])
+def test_resume_with_other_model_options_names_them(capsys, finished, tmp_path, change, expected):
+    out = copy_of(finished, tmp_path)
+    capsys.readouterr()
+    message = error_line(capsys, [*TINY, "--steps", "4", "--resume", "--out", str(out), *change])
+    assert message.startswith("--resume: ") and f"other model options ({expected})" in message
+
+
+def test_resume_may_change_length_logging_and_workers_and_carries_elapsed_time(capsys, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    saved = load_checkpoint(CheckpointDir(out / "checkpoints", keep=3).paths()[0])["elapsed_s"]
+    assert saved > 0
+    more = [*TINY[:-2], "--workers", "1", "--steps", "3", "--log-every", "2", "--resume", "--out", str(out)]
+    assert train.main(more) == 0
+    assert "resumed from" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[2]["elapsed_s"] > saved >= records[1]["elapsed_s"]
+
+
+def test_resume_past_the_end_is_refused_and_at_the_end_has_nothing_to_do(capsys, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    capsys.readouterr()
+    message = error_line(capsys, [*TINY, "--steps", "1", "--resume", "--out", str(out)])
+    assert "is at step 2, past this run's 1 steps; raise --steps" in message
+    assert train.main([*TINY, "--steps", "2", "--resume", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing left to do" in printed and "step 2 of 2" in printed and "done" not in printed
+
+
+# 11. A batch larger than the dataset.
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_batch_larger_than_the_data_is_one_line(capsys, tiny_folder, tmp_path, loader):
+    if not runtime.preflight.is_available(loader):
+        pytest.skip(f"{loader} is not installed")
+    message = error_line(capsys, [*REAL, "--loader", loader, "--data", str(tiny_folder), "--batch-size", "32",
+                                  "--workers", "1", "--steps", "2", "--out", str(tmp_path / "run")])
+    assert message == (f"--batch-size 32 is larger than the 16 images of {tiny_folder}, so an epoch has no full "
+                       "batch; use --batch-size 16 or less")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+# 12. An --out that cannot be written.
+
+@pytest.mark.parametrize("where", ["/proc/fastbyol-out", "under-a-file"])
+def test_unwritable_out_is_one_line_before_anything_is_built(capsys, tmp_path, where):
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        where = str(tmp_path / "file" / "out")
+    message = error_line(capsys, [*TINY, "--steps", "1", "--out", where])
+    assert message.startswith(f"--out {where}: cannot create files there (") and "choose a writable folder" in message
+
+
+# 13. Floats outside their meaningful range, and the NaN stop's message.
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (("--base-lr", "nan"), "--base-lr must be a finite number, got nan"),
+    (("--base-lr", "inf"), "--base-lr must be a finite number, got inf"),
+    (("--base-lr", "-1"), "--base-lr must be above 0, got -1.0"),
+    (("--tau-base", "2"), "--tau-base must be in [0, 1]"),
+    (("--momentum", "1"), "--momentum must be in [0, 1), got 1.0"),
+    (("--weight-decay=-1e-6",), "--weight-decay must be 0 or more"),
+    (("--warmup-epochs", "nan"), "--warmup-epochs must be a finite number"),
+    (("--checkpoint-minutes", "inf"), "--checkpoint-minutes must be a finite number"),
+])
+def test_out_of_range_floats_are_refused_up_front(capsys, tmp_path, argv, expected):
+    assert error_line(capsys, [*TINY, "--out", str(tmp_path), *argv]).startswith(expected)
+
+
+@pytest.mark.timeout(300)
+def test_nan_stop_without_a_checkpoint_does_not_claim_one(capsys, tmp_path):
+    # lr 1e36 overflows float32 within a few steps; nothing is saved before the end of the run.
+    message = error_line(capsys, [*TINY, "--base-lr", "1e36", "--steps", "8", "--log-every", "1",
+                                  "--checkpoint-every", "0", "--checkpoint-minutes", "0", "--out", str(tmp_path)],
+                         code=train.NAN_EXIT_CODE)
+    assert "no checkpoint was saved before it" in message and "kept" not in message
+    assert not CheckpointDir(tmp_path / "checkpoints", keep=3).paths()
+
+
+# 14. --loader ffcv given a folder.
+
+def test_ffcv_given_a_folder_says_how_to_convert_it(capsys, tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setattr(runtime.preflight, "is_available", lambda name: True)
+    message = error_line(capsys, [*REAL, "--loader", "ffcv", "--data", str(tiny_folder), "--out", str(tmp_path)])
+    assert message == (f"--data {tiny_folder} is a folder; --loader ffcv reads a .beton file: convert it with "
+                       f"python -m pipelines.ffcv_convert --src {tiny_folder} --out {tiny_folder}.beton")
+
+
+# Console output.
+
+def test_startup_line_names_what_is_read_and_no_tensorboard_note(capsys, tmp_path, tiny_folder):
+    assert train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "on synthetic random views (--loader synthetic reads no data)" in printed
+    assert "fashion-mnist" not in printed and "tensorboard" not in printed.lower()
+    assert train.main([*REAL, "--loader", "torchvision", "--data", str(tiny_folder), "--batch-size", "4",
+                       "--workers", "0", "--steps", "1", "--out", str(tmp_path / "b")]) == 0
+    assert f"on {tiny_folder} via the torchvision loader at 8px" in capsys.readouterr().out
+
+
+def test_too_many_workers_is_one_warning_naming_the_option(tmp_path, tiny_folder):
+    # A subprocess (pytest would swallow torch's warnings in-process) on a 1-core machine, for train.py and torch.
+    one_core = ("import os, sys; os.sched_getaffinity = lambda pid: {0}; import train; "
+                "sys.exit(train.main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", one_core, *REAL, "--loader", "torchvision", "--data",
+                             str(tiny_folder), "--batch-size", "4", "--workers", "2", "--steps", "1", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("train.py: warning: --workers 2 x 1 training process(es) is more than this "
+                               "machine's 1 usable cores") == 1
+    assert "This DataLoader will create" not in result.stderr
