@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from pipelines.builtin import parse_builtin
 from pipelines.fashion_mnist import CLASSES, load_fashion_mnist
-from pipelines.imagefolder import SkipLog, Unreadable, load_index, read_rgb
+from pipelines.imagefolder import SkipLog, Unreadable, announce, load_index, read_rgb
 
 LabelledBatch = tuple[torch.Tensor, torch.Tensor]
 # Standard linear-eval geometry for photos: resize the short side to res / 0.875, centre-crop res.
@@ -186,11 +186,15 @@ def eval_splits(
     images take minutes on a CPU; a few thousand give a usable monitor).
     """
     idx_folder = parse_builtin(data)
-    if idx_folder is not None:
-        train, test = (ArraySet(*load_fashion_mnist(split, idx_folder), len(CLASSES)) for split in ("train", "test"))
-    elif val_data is None:
+    if idx_folder is None and val_data is None:
         raise ValueError(f"--data {data} is a folder: also give --val-data, the labelled folder to report on")
-    else:
-        train = FolderSet(data, workers)
-        test = FolderSet(val_data, workers, classes=train.classes)
-    return train.limit(train_limit), test.limit(test_limit)
+    if idx_folder is None:
+        train = FolderSet(data, workers)  # each folder's scan prints its own 'data:' line
+        return train.limit(train_limit), FolderSet(val_data, workers, classes=train.classes).limit(test_limit)
+    sets = []
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        whole = ArraySet(*load_fashion_mnist(split, idx_folder), len(CLASSES))
+        sets.append(whole.limit(limit))
+        used = f"{len(sets[-1]):,} of {len(whole):,}" if len(sets[-1]) < len(whole) else f"{len(whole):,}"
+        announce(f"data: {used} images in {len(CLASSES)} classes of Fashion-MNIST {split} ({idx_folder})")
+    return sets[0], sets[1]

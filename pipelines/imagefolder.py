@@ -279,6 +279,12 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def announce(line: str) -> None:
+    """A start-up line about the data (stderr, beside the warnings it refers to), from the main process only."""
+    if is_main_process():
+        print(line, file=sys.stderr, flush=True)
+
+
 def load_index(root: str | os.PathLike, decoder: tuple[str, Collection[str]] | None = None) -> ImageFolderIndex:
     """Scan and validate `root`; on the main process, warn about skipped files and symlinked folders
     seen twice (one warning each, with their paths) and print the one-line `summary`.
@@ -295,7 +301,7 @@ def load_index(root: str | os.PathLike, decoder: tuple[str, Collection[str]] | N
                         index.root, "\n".join(f"  {line}" for line in index.links))
         if index.bad_files:
             log.warning("%s", index.report())
-        print(index.summary(), file=sys.stderr, flush=True)
+    announce(index.summary())
     return index
 
 

@@ -306,3 +306,14 @@ def test_deep_check_lists_a_corrupt_body_the_scan_passes(tmp_path, capsys):
     broken.unlink()
     (tmp_path / "class_1" / "empty.JPEG").unlink()
     assert imagefolder_main(["--deep-check", str(tmp_path)]) == 0
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir() and "FASHION_MNIST_DIR" not in os.environ,
+                    reason="Fashion-MNIST not installed")
+def test_built_in_evaluation_splits_print_their_counts(capsys):
+    from evaluation.data import eval_splits
+
+    train, test = eval_splits("fashion-mnist", None, 100, None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data:")]
+    assert len(lines) == 2 and lines[0].startswith(f"data: {len(train)} of 60,000 images in 10 classes")
+    assert lines[1].startswith(f"data: {len(test):,} images in 10 classes of Fashion-MNIST test")
