@@ -14,6 +14,7 @@ break of its own under torch.compile), so it works with NCCL and gloo alike.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -146,8 +147,15 @@ def wrap_online(byol: nn.Module, world: World, sync_bn: bool) -> nn.Module:
     return DistributedDataParallel(
         byol.online, device_ids=[world.device.index] if world.device.type == "cuda" else None,
         # Cross-replica BN keeps the BN buffers equal on every rank; without it rank 0's are broadcast.
-        broadcast_buffers=not sync_bn,
+        **buffer_sync(not sync_bn),
     )
+
+
+def buffer_sync(sync: bool) -> dict[str, bool]:
+    """DDP's keyword for broadcasting rank 0's buffers at every forward. Newer torch renamed it and warns on
+    every rank for the old name; the new one also syncs at init, a no-op here (the nets start equal)."""
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": sync}
 
 
 def agree(world: World, loss: torch.Tensor, flags: list[bool]) -> tuple[float, list[bool]]:

@@ -286,3 +286,21 @@ def test_too_many_workers_is_one_warning_naming_the_option(tmp_path, tiny_folder
     assert result.stderr.count("train.py: warning: --workers 2 x 1 training process(es) is more than this "
                                "machine's 1 usable cores") == 1
     assert "This DataLoader will create" not in result.stderr
+
+
+def test_ddp_wrap_prints_no_deprecation_warning(tmp_path):
+    # A one-process gloo group in a subprocess (the group is process-global state); World claims 2 ranks so
+    # wrap_online builds the DDP wrapper. -W error turns any FutureWarning into a failing exit.
+    script = f"""
+import torch, torch.distributed as dist
+import train
+from config import TrainConfig
+from runtime.distributed import World, wrap_online
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+cfg = TrainConfig(arch="resnet18", width=8, hidden_dim=16, proj_dim=8, res=8).resolved()
+for sync_bn in (True, False):
+    wrap_online(train.build_model(cfg, torch.device("cpu")), World(0, 0, 2, torch.device("cpu")), sync_bn)
+"""
+    result = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", script], capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
