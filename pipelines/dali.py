@@ -53,11 +53,13 @@ DALI's error names (the reader names a file it cannot open), else the shard's fi
 or fail the scan's checks now. It drops them with a warning naming each (`skipped` lists them),
 rebuilds the pipeline for the same epoch and goes on after the batches this epoch already gave (the
 rest of the epoch is drawn from the new file list, so a few samples may come twice or not at all in
-it). A decode failure in a file that still passes the checks (a corrupt body behind intact markers)
-stops the run with one line that says so and names the ways on: `python -m pipelines.imagefolder
---deep-check ROOT` (decodes every file at 1/8 scale and lists the ones that fail), or `--loader
-torchvision`, which skips such files one by one, naming each. (A full decode check at every start-up
-would cost ImageNet minutes per run; the scan's head/tail check costs two small reads per file.)
+it; with several ranks each drops what it meets, so until the others meet it too their shards may
+overlap by those files). A decode failure in a file that still passes the checks (a corrupt body
+behind intact markers) stops the run with one line that says so and names the ways on:
+`python -m pipelines.imagefolder --deep-check ROOT` (decodes every file at 1/8 scale and lists the
+ones that fail), or `--loader torchvision`, which skips such files one by one, naming each. (A full
+decode check at every start-up would cost ImageNet minutes per run; the scan's head/tail check costs
+two small reads per file.)
 """
 
 from __future__ import annotations

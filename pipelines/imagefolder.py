@@ -18,6 +18,7 @@ link to a folder already scanned is reported, not counted again.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Collection
@@ -138,11 +139,17 @@ def _check_with_pil(path: str) -> tuple[str | None, str | None]:
     return kind, None
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
+def open_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
     """The file decoded to 8-bit RGB the same way on every PIL path (and as DALI's decoder does):
     EXIF orientation applied, 16-bit and 32-bit samples scaled to 8 bits (PIL's own conversion clips
-    them, so a 16-bit PNG came out white), palette, gray, LA, CMYK converted to RGB (alpha dropped)."""
+    them, so a 16-bit PNG came out white), palette, gray, LA, CMYK converted to RGB (alpha dropped).
+
+    min_side: a JPEG may decode at 1/2..1/8 scale (DCT scaling, PIL's `draft`) as long as its longer
+    side stays at least this (a converter that stores images at most this large)."""
     with Image.open(path) as img:
+        if min_side is not None and max(img.size) > min_side:
+            scale = min_side / max(img.size)
+            img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             img = Image.fromarray(_to_uint8(np.asarray(img), 65535), mode="L")

@@ -317,3 +317,10 @@ def test_built_in_evaluation_splits_print_their_counts(capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data:")]
     assert len(lines) == 2 and lines[0].startswith(f"data: {len(train)} of 60,000 images in 10 classes")
     assert lines[1].startswith(f"data: {len(test):,} images in 10 classes of Fashion-MNIST test")
+
+
+def test_open_rgb_min_side_decodes_a_large_jpeg_smaller_but_not_below_it(tmp_path):
+    path = tmp_path / "large.jpg"
+    Image.fromarray(_pixels(11, (400, 640, 3))).save(path, quality=90)
+    assert open_rgb(path).size == (640, 400)
+    assert open_rgb(path, min_side=150).size == (160, 100)  # 1/4 scale: the smallest with a side >= 150
