@@ -9,15 +9,19 @@ a fresh inode while the first still holds the old one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
 
 LOCK_NAME = ".fastbyol.lock"
+# A file system that cannot lock (some FUSE and old NFS mounts) answers flock with one of these.
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def prepare_out(out: Path) -> None:
@@ -59,6 +63,14 @@ class OutLock:
             os.close(fd)
             raise ValueError(f"--out {self.out} is in use by another run ({holder}); wait for it to end, "
                              "stop it, or choose another --out") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in NO_LOCKS:
+                raise ValueError(f"--out {self.out}: cannot lock {self.path} ({err.strerror})") from None
+            # Refusing would make such a mount unusable; run, but say what is not guarded.
+            print(f"warning: --out {self.out}: its file system cannot lock files ({err.strerror}), so nothing "
+                  "stops a second run from writing into it too", file=sys.stderr)
+            return self
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)

@@ -3,6 +3,7 @@ killed writers, resumes that cannot work, impossible batches, unwritable --out, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import runtime.outdir
 import runtime.preflight
 import train
 from config import TrainConfig
@@ -125,6 +127,16 @@ def test_only_the_launching_process_or_rank_0_takes_the_lock(tmp_path, monkeypat
         monkeypatch.setenv("RANK", "0")
         with pytest.raises(ValueError, match="is in use by another run"):
             train.claim_out(cfg)
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(runtime.outdir.fcntl, "flock", no_locks)
+    with OutLock(tmp_path):
+        pass
+    assert "its file system cannot lock files" in capsys.readouterr().err
 
 
 # 3. Temp files of killed checkpoint writers.
