@@ -98,8 +98,9 @@ HW_DECODER_LOAD = 0.65
 DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM")
 
 
-class DaliLoaderError(RuntimeError):
-    """The DALI pipeline could not be built or failed while running; the message says why."""
+class DaliLoaderError(RuntimeError, ValueError):
+    """The DALI pipeline could not be built or failed while running; the message says why. Also a
+    ValueError: like a bad argument, bad data ends the run with its one line (train.py, exit code 2)."""
 
 
 def _coin(p: float):
@@ -390,6 +391,17 @@ class DaliTwoViewLoader:
         self._used = False  # whether `_iterator` has given batches: a new epoch then needs a new pipeline
 
     def _build(self, start_epoch: int) -> DALIGenericIterator:
+        """`_build_once`, after dropping the files that make it fail: the iterator decodes its first batch
+        as it is made, so a file deleted or broken since the scan can fail it already."""
+        while True:
+            try:
+                return self._build_once(start_epoch)
+            except DaliLoaderError as err:
+                if not _is_data_error(err.__cause__):
+                    raise
+                self._drop_failed_files(err.__cause__)
+
+    def _build_once(self, start_epoch: int) -> DALIGenericIterator:
         """Pipeline starting at `start_epoch`: order and augmentations follow from (seed, start_epoch)."""
         cfg = self.cfg
         files, labels = _shuffled(self.index.samples, seed=_seed(cfg.seed, start_epoch))
@@ -438,6 +450,8 @@ class DaliTwoViewLoader:
             except StopIteration:
                 return
             except RuntimeError as err:
+                if not _is_data_error(err):
+                    raise DaliLoaderError(f"DALI failed while loading {self.index.root}: {_reason(err)}") from err
                 self._drop_failed_files(err)
                 # The failed pipeline is no longer valid: the same epoch from the new file list, after
                 # the batches it already gave (islice above draws and discards them).
@@ -469,6 +483,11 @@ class DaliTwoViewLoader:
                         for name in OUTPUTS[:2])
         labels = outputs["labels"].view(-1).to(device, torch.int64, non_blocking=True)
         return view1, view2, labels
+
+
+def _is_data_error(err: BaseException | None) -> bool:
+    """Whether a DALI error comes from reading or decoding a file (DALI names the operator that failed)."""
+    return isinstance(err, RuntimeError) and any(op in str(err) for op in ("fn.readers.file", "fn.decoders.image"))
 
 
 def _failed_files(err: RuntimeError, paths: list[str]) -> list[tuple[str, str]]:

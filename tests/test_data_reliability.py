@@ -131,13 +131,48 @@ def test_dali_failure_with_no_file_to_blame_is_one_clear_error(tmp_path, monkeyp
     loader = _dali_loader(tmp_path)
 
     def failing():
-        raise RuntimeError("Critical error in pipeline:\nencountered:\nnvImageCodec failure: '#4'\n")
+        raise RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n"
+                           "encountered:\nnvImageCodec failure: '#4'\n")
         yield
 
     monkeypatch.setattr(loader, "_iterator", failing())
     expected = r"nvImageCodec failure: .#4.; no file of it .*--deep-check .*--loader torchvision"
     with pytest.raises(dali.DaliLoaderError, match=expected):
         next(iter(loader))
+
+
+@pytest.mark.timeout(60)
+def test_dali_failure_that_is_not_about_a_file_is_reported_as_it_is(tmp_path, monkeypatch):
+    import pipelines.dali as dali
+
+    _folder(tmp_path)
+    loader = _dali_loader(tmp_path)
+
+    def failing():
+        raise RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.gaussian_blur`,\n"
+                           "encountered:\nout of memory\n")
+        yield
+
+    monkeypatch.setattr(loader, "_iterator", failing())
+    with pytest.raises(dali.DaliLoaderError, match=r"^DALI failed while loading .*: out of memory$"):
+        next(iter(loader))
+    assert not loader.skipped
+
+
+@pytest.mark.timeout(120)
+def test_dali_drops_files_deleted_before_its_first_batch(tmp_path, caplog):
+    """The iterator decodes its first batch while it is made: a failure there is recovered the same way."""
+    pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
+    from pipelines.dali import DaliTwoViewLoader
+
+    paths = _folder(tmp_path, count=12)
+    index = scan_image_folder(tmp_path)
+    for path in paths[::2]:
+        path.unlink()
+    loader = DaliTwoViewLoader(LoaderConfig(str(tmp_path), batch_size=4, workers=1, drop_last=False,
+                                            recipe=BYOL_VIEWS.with_overrides(res=RES)), index)
+    assert sorted(path for path, _ in loader.skipped) == sorted(map(str, paths[::2]))
+    assert sum(labels.numel() for _, _, labels in loader) == 6
 
 
 # --- item 6: the real format behind the name ---------------------------------------------------------------
