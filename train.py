@@ -209,7 +209,6 @@ def train(cfg: TrainConfig, world: World) -> int:
             print(f"nothing left to do: the checkpoint in {ckpts.folder} is at step {step} of {total_steps} and "
                   f"the run's outputs are in {out}; raise --steps (or --epochs) to train on")
         return 0
-    started = time.monotonic() - elapsed_before  # elapsed_s carries on over resumes
 
     def save() -> None:
         # The loss read at a log point comes from before the step's update: check the weights too.
@@ -232,6 +231,7 @@ def train(cfg: TrainConfig, world: World) -> int:
                        f"nothing left to train (step {step} of {total_steps}): writing the final outputs"))
     stop, window = StopRequest(), Window()
     last_save = time.monotonic()
+    started = last_save - elapsed_before  # elapsed_s carries on over resumes
     try:
         while step < total_steps:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
