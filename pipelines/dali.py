@@ -47,19 +47,20 @@ drops each rank's last partial batch; `drop_last=False` returns it partial (Last
 
 Files DALI cannot read: the scan (pipelines/imagefolder.py) knows each file's real format from its
 magic bytes, and files whose format DALI's decoder lacks (GIF, even named .JPEG) are left out with a
-warning naming them, as the unreadable ones are. A file that vanishes or breaks during the run fails
-the whole pipeline (DALI cannot skip one sample inside its graph), so the loader finds it: the file
-DALI's error names (the reader names a file it cannot open), else the shard's files that are missing
-or fail the scan's checks now. It drops them with a warning naming each (`skipped` lists them),
-rebuilds the pipeline for the same epoch and goes on after the batches this epoch already gave (the
-rest of the epoch is drawn from the new file list, so a few samples may come twice or not at all in
-it; with several ranks each drops what it meets, so until the others meet it too their shards may
-overlap by those files). A decode failure in a file that still passes the checks (a corrupt body
-behind intact markers) stops the run with one line that says so and names the ways on:
-`python -m pipelines.imagefolder --deep-check ROOT` (decodes every file at 1/8 scale and lists the
-ones that fail), or `--loader torchvision`, which skips such files one by one, naming each. (A full
-decode check at every start-up would cost ImageNet minutes per run; the scan's head/tail check costs
-two small reads per file.)
+warning naming them, as the unreadable ones are. A file that vanishes or breaks during the run (or
+before the first batch, which the iterator decodes as it is made) fails the whole pipeline: DALI
+cannot skip one sample inside its graph. So the loader finds it: the file DALI's error names (the
+reader names a file it cannot open), else the files that are missing or fail the scan's checks now,
+else, up to DECODE_SEARCH_LIMIT files, those that fail a PIL decode. It drops them with a warning
+naming each (`skipped` lists them), rebuilds the pipeline for the same epoch and goes on after the
+batches this epoch already gave (the rest of the epoch is drawn from the new file list, so a few
+samples may come twice or not at all in it; with several ranks each drops what it meets, so until
+the others meet it too their shards may overlap by those files). Where no file is found (ImageNet
+size: a corrupt body behind intact markers, which only a full decode finds) the run stops with one
+line that says so and names the ways on: `python -m pipelines.imagefolder --deep-check ROOT`
+(decodes every file at 1/8 scale and lists the ones that fail), or `--loader torchvision`, which
+skips such files one by one, naming each. (A full decode check at every start-up would cost
+ImageNet minutes per run; the scan's head/tail check costs two small reads per file.)
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.base import Batch, LoaderConfig
 from pipelines.gpu_augment import HUE_RADIANS_PER_TURN, ColourBasis
-from pipelines.imagefolder import ImageFolderIndex, SkipLog, Unreadable, inspect_files, load_index
+from pipelines.imagefolder import ImageFolderIndex, SkipLog, Unreadable, find_undecodable, inspect_files, load_index
 from pipelines.views import ViewRecipe, ViewSpec
 
 READER = "Reader"
@@ -96,6 +97,9 @@ PREALLOCATE_HEIGHT_HINT = 6430
 HW_DECODER_LOAD = 0.65
 # Real formats (pipelines.imagefolder's names) DALI's image decoder reads; GIF is not one of them.
 DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM")
+# Up to this many files, a failure the quick checks cannot explain is looked for by decoding every file
+# of the shard (seconds); beyond it (ImageNet: minutes) the run stops and names the deep check instead.
+DECODE_SEARCH_LIMIT = 20_000
 
 
 class DaliLoaderError(RuntimeError, ValueError):
@@ -465,9 +469,13 @@ class DaliTwoViewLoader:
         or raise DaliLoaderError when none can be found."""
         failed = _failed_files(err, [path for path, _ in self.index.samples])
         if not failed:
+            checks = ("the scan's checks or a PIL decode (a corrupt body PIL tolerates is likely)"
+                      if len(self.index.samples) <= DECODE_SEARCH_LIMIT else
+                      "the scan's quick checks (too many files to decode them all now), so a file with intact "
+                      "markers but a corrupt body is likely")
             raise DaliLoaderError(
                 f"DALI failed while loading {self.index.root}: {_reason(err)}; no file of it is missing or fails "
-                "the scan's checks, so a file with intact markers but a corrupt body is likely: list such files "
+                f"{checks}: list such files "
                 f"with `python -m pipelines.imagefolder --deep-check {self.index.root}` and move them out, or "
                 "train with --loader torchvision, which skips them one by one, naming each") from err
         for path, reason in failed:
@@ -494,7 +502,8 @@ def _failed_files(err: RuntimeError, paths: list[str]) -> list[tuple[str, str]]:
     """(path, reason) of the files behind DALI error `err` among `paths`: files deleted since the scan
     when the error names a file that is gone (the reader names a file it cannot open; checking only
     for existence keeps this quick on ImageNet), else every file that now fails the scan's checks or
-    is in a format DALI cannot decode (the decoder does not name its file)."""
+    is in a format DALI cannot decode (the decoder does not name its file), else, for up to
+    DECODE_SEARCH_LIMIT files, every file that fails a full decode."""
     message = str(err)
     named = max((path for path in paths if path in message), key=len, default=None)
     if named is not None and not os.path.exists(named):
@@ -506,6 +515,8 @@ def _failed_files(err: RuntimeError, paths: list[str]) -> list[tuple[str, str]]:
             reason = f"now a {kind} file, which DALI cannot decode"
         if reason is not None:
             failed.append((path, reason))
+    if not failed and len(paths) <= DECODE_SEARCH_LIMIT:
+        failed = find_undecodable(paths)
     return failed
 
 

@@ -325,13 +325,17 @@ def decode_check(path: str) -> str | None:
     return None
 
 
+def find_undecodable(paths: list[str], workers: int = os.cpu_count() or 1) -> list[tuple[str, str]]:
+    """(path, reason) of every file in `paths` that fails `decode_check`, in input order."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL releases the GIL while decoding
+        reasons = pool.map(decode_check, paths, chunksize=64)
+        return [(path, why) for path, why in zip(paths, reasons, strict=True) if why]
+
+
 def deep_check(root: str | os.PathLike, workers: int = os.cpu_count() or 1) -> list[tuple[str, str]]:
     """(path, reason) of every file of the folder that fails the scan or a full (1/8-scale) decode."""
     index = scan_image_folder(root)
-    paths = [path for path, _ in index.samples]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL releases the GIL while decoding
-        reasons = pool.map(decode_check, paths, chunksize=64)
-        return index.bad_files + [(path, why) for path, why in zip(paths, reasons, strict=True) if why]
+    return index.bad_files + find_undecodable([path for path, _ in index.samples], workers)
 
 
 def main(argv: list[str] | None = None) -> int:

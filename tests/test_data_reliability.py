@@ -175,6 +175,25 @@ def test_dali_drops_files_deleted_before_its_first_batch(tmp_path, caplog):
     assert sum(labels.numel() for _, _, labels in loader) == 6
 
 
+@pytest.mark.timeout(120)
+def test_dali_finds_a_corrupt_body_by_decoding_a_small_folder(tmp_path):
+    """A PNG cut short but ending in 'IEND' passes the scan's tail check; DALI's decoder fails on it
+    without naming it, so the loader decodes the (small) folder with PIL to find it."""
+    pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
+    from pipelines.dali import DaliTwoViewLoader
+
+    paths = _folder(tmp_path, count=12)
+    index = scan_image_folder(tmp_path)
+    cut = paths[0].read_bytes()
+    for path in paths[:6]:
+        path.write_bytes(cut[:60] + b"IEND")
+    loader = DaliTwoViewLoader(LoaderConfig(str(tmp_path), batch_size=4, workers=1, drop_last=False,
+                                            recipe=BYOL_VIEWS.with_overrides(res=RES)), index)
+    assert sorted(path for path, _ in loader.skipped) == sorted(map(str, paths[:6]))
+    assert "cannot decode" in loader.skipped[0][1]
+    assert sum(labels.numel() for _, _, labels in loader) == 6
+
+
 # --- item 6: the real format behind the name ---------------------------------------------------------------
 
 
