@@ -108,12 +108,12 @@ class _CenterCropped(Dataset):
 class FolderSet(_Subsettable):
     """An ImageFolder tree decoded on the fly (too large to hold in memory), centre-cropped to res."""
 
-    def __init__(self, root: str, workers: int = 4, classes: list[str] | None = None, option: str = "--val-data"):
-        """classes: the training folder's, which this set's labels must follow (by name); `option`
-        names this folder in the error when it has a class that list lacks."""
-        index = load_index(root)
+    def __init__(self, root: str, workers: int = 4, classes: list[str] | None = None, role: str = "eval data"):
+        """classes: the training folder's, which this set's labels must follow by name (the set is then
+        `--val-data` in the error for a class that list lacks); `role` starts its start-up line."""
+        index = load_index(root, role=role)
         self.classes = classes or index.classes
-        self.samples = _relabelled(index.samples, index.classes, self.classes, f"{option} {root}")
+        self.samples = _relabelled(index.samples, index.classes, self.classes, f"--val-data {root}")
         self.num_classes = len(self.classes)
         self.workers = workers
         self.runtime_skips = SkipLog()
@@ -189,12 +189,13 @@ def eval_splits(
     if idx_folder is None and val_data is None:
         raise ValueError(f"--data {data} is a folder: also give --val-data, the labelled folder to report on")
     if idx_folder is None:
-        train = FolderSet(data, workers)  # each folder's scan prints its own 'data:' line
-        return train.limit(train_limit), FolderSet(val_data, workers, classes=train.classes).limit(test_limit)
+        train = FolderSet(data, workers, role="eval train")  # each folder's scan prints its own line
+        test = FolderSet(val_data, workers, classes=train.classes, role="eval test")
+        return train.limit(train_limit), test.limit(test_limit)
     sets = []
     for split, limit in (("train", train_limit), ("test", test_limit)):
         whole = ArraySet(*load_fashion_mnist(split, idx_folder), len(CLASSES))
         sets.append(whole.limit(limit))
         used = f"{len(sets[-1]):,} of {len(whole):,}" if len(sets[-1]) < len(whole) else f"{len(whole):,}"
-        announce(f"data: {used} images in {len(CLASSES)} classes of Fashion-MNIST {split} ({idx_folder})")
+        announce(f"eval {split}: {used} images in {len(CLASSES)} classes of Fashion-MNIST {split} ({idx_folder})")
     return sets[0], sets[1]

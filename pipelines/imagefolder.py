@@ -65,10 +65,10 @@ class ImageFolderIndex:
         lines += [f"  {path}: {reason}" for path, reason in self.bad_files]
         return "\n".join(lines)
 
-    def summary(self) -> str:
-        """One start-up line: what the run reads, and how much was left out."""
+    def summary(self, role: str = "data") -> str:
+        """One start-up line: what the run reads (as `role`), and how much was left out."""
         skipped = f" ({len(self.bad_files):,} skipped, listed above)" if self.bad_files else ""
-        return f"data: {len(self.samples):,} images in {len(self.classes):,} classes under {self.root}{skipped}"
+        return f"{role}: {len(self.samples):,} images in {len(self.classes):,} classes under {self.root}{skipped}"
 
     def format_of(self, path: str) -> str:
         return self.formats.get(path, "JPEG")
@@ -292,9 +292,11 @@ def announce(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def load_index(root: str | os.PathLike, decoder: tuple[str, Collection[str]] | None = None) -> ImageFolderIndex:
+def load_index(root: str | os.PathLike, decoder: tuple[str, Collection[str]] | None = None,
+               role: str = "data") -> ImageFolderIndex:
     """Scan and validate `root`; on the main process, warn about skipped files and symlinked folders
-    seen twice (one warning each, with their paths) and print the one-line `summary`.
+    seen twice (one warning each, with their paths) and print the one-line `summary` (`role`: which
+    split it is, e.g. 'data' for training, 'eval train' for the evaluation's own read of a folder).
 
     decoder: (name, the formats it decodes) of a loader that cannot read every format PIL can: the
     other files are skipped and listed with the unreadable ones.
@@ -308,7 +310,7 @@ def load_index(root: str | os.PathLike, decoder: tuple[str, Collection[str]] | N
                         index.root, "\n".join(f"  {line}" for line in index.links))
         if index.bad_files:
             log.warning("%s", index.report())
-    announce(index.summary())
+    announce(index.summary(role))
     return index
 
 

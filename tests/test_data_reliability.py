@@ -368,9 +368,9 @@ def test_built_in_evaluation_splits_print_their_counts(capsys):
     from evaluation.data import eval_splits
 
     train, test = eval_splits("fashion-mnist", None, 100, None)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data:")]
-    assert len(lines) == 2 and lines[0].startswith(f"data: {len(train)} of 60,000 images in 10 classes")
-    assert lines[1].startswith(f"data: {len(test):,} images in 10 classes of Fashion-MNIST test")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval ")]
+    assert len(lines) == 2 and lines[0].startswith(f"eval train: {len(train)} of 60,000 images in 10 classes")
+    assert lines[1].startswith(f"eval test: {len(test):,} images in 10 classes of Fashion-MNIST test")
 
 
 def test_open_rgb_min_side_decodes_a_large_jpeg_smaller_but_not_below_it(tmp_path):
