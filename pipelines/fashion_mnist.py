@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,13 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"Fashion-MNIST file {path} is missing; set FASHION_MNIST_DIR to the folder "
                                 "holding the *-idx?-ubyte.gz files")
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as err:  # not gzip, cut short, or corrupt
+        raise ValueError(f"{path} is not a complete gzip file ({err}); download it again") from err
+    if len(raw) < 4 * (1 + ndim):
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than an idx{ndim} header")
     header = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
     if int(header[0]) != _MAGIC[ndim]:
         raise ValueError(f"{path} is not an idx{ndim} uint8 file (magic {int(header[0]):#x})")

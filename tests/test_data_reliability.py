@@ -3,6 +3,7 @@ symlink loops, and pixels that must be the same on every decode path (issue #14)
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import struct
@@ -378,3 +379,21 @@ def test_open_rgb_min_side_decodes_a_large_jpeg_smaller_but_not_below_it(tmp_pat
     Image.fromarray(_pixels(11, (400, 640, 3))).save(path, quality=90)
     assert open_rgb(path).size == (640, 400)
     assert open_rgb(path, min_side=150).size == (160, 100)  # 1/4 scale: the smallest with a side >= 150
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda data: data[: len(data) // 2], "is not a complete gzip file"),
+    (lambda data: b"not gzip at all", "is not a complete gzip file"),
+    (lambda data: gzip.compress(b"\x00\x00"), "is truncated: 2 bytes"),
+])
+def test_damaged_fashion_mnist_file_is_one_clear_error(tmp_path, make, message):
+    from pipelines.fashion_mnist import load_fashion_mnist
+
+    images = gzip.compress(np.array([0x0803, 1, 2, 2], ">u4").tobytes() + bytes(4))
+    labels = gzip.compress(np.array([0x0801, 1], ">u4").tobytes() + bytes(1))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(labels)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(images)
+    assert load_fashion_mnist("test", tmp_path)[0].shape == (1, 2, 2)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(make(images))
+    with pytest.raises(ValueError, match=f"t10k-images-idx3-ubyte.gz {message}"):
+        load_fashion_mnist("test", tmp_path)
