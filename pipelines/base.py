@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from pipelines.views import BYOL_VIEWS, ViewRecipe
@@ -53,6 +54,13 @@ class TwoViewLoader(Protocol):
     def __len__(self) -> int: ...
 
     def set_epoch(self, epoch: int) -> None: ...
+
+
+def seed_from(*keys: int) -> int:
+    """A 63-bit seed (torch.manual_seed takes it) mixed from non-negative `keys`, e.g. (seed, epoch,
+    sample): random draws keyed this way do not depend on what was drawn before them."""
+    high, low = np.random.SeedSequence(list(keys)).generate_state(2)
+    return (int(high) << 32 | int(low)) >> 1
 
 
 class LoaderUnavailable(RuntimeError):

@@ -35,7 +35,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 from torch.utils.data import DistributedSampler
 
-from pipelines.base import Batch, LoaderConfig, keep_torch_threads
+from pipelines.base import Batch, LoaderConfig, keep_torch_threads, seed_from
 from pipelines.ffcv_decoder import TwoCropDecoder
 from pipelines.gpu_augment import TwoViewAugment
 
@@ -121,6 +121,7 @@ class FfcvTwoViewLoader:
         reader = read_beton(cfg.data)
         validate(cfg, order, int(reader.num_samples))
         device = torch.device(cfg.device)
+        self.cfg, self.device = cfg, device
         self.decoder = TwoCropDecoder(cfg.recipe, seed=cfg.seed)
         # On the CPU the batch is already where it must be; ToDevice would only add a copy.
         to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
@@ -161,9 +162,16 @@ class FfcvTwoViewLoader:
         yield from epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        for crops, labels in self.crops():
-            view1, view2 = self.augment(crops)
+        epoch = self.loader.next_epoch
+        for batch, (crops, labels) in enumerate(self.crops()):
+            view1, view2 = self.augment(crops, generator=self._augment_generator(epoch, batch))
             yield view1, view2, labels.long().view(-1)
+
+    def _augment_generator(self, epoch: int, batch: int) -> torch.Generator:
+        """The photometric draws of one batch, seeded by (seed, rank, epoch, batch) alone. torch's global
+        generator would make them depend on every draw before: a run resumed mid-epoch, which draws
+        and skips the batches it already trained on, would augment the rest differently."""
+        return torch.Generator(self.device).manual_seed(seed_from(self.cfg.seed, self.cfg.rank, epoch, batch))
 
 
 def build_loader(cfg: LoaderConfig, order: str | None = None, batches_ahead: int = 3) -> FfcvTwoViewLoader:

@@ -14,7 +14,10 @@ loaders' approximations are measured against (tests/test_jitter_fidelity.py).
 
 Epochs: a seeded permutation per (seed, epoch), strided over ranks like torch's DistributedSampler
 but without its padding, so each sample is seen exactly once per epoch across ranks; `drop_last`
-drops each rank's last partial batch.
+drops each rank's last partial batch. A sample's augmentations are drawn from torch's generator
+seeded by (seed, epoch, sample index) alone (`EpochSeeded`), not from a worker's running stream:
+they do not depend on the worker count, on which worker got the batch, or on how many batches the
+process drew before, so a run resumed mid-epoch draws exactly what an uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
-from pipelines.base import Batch, LoaderConfig
+from pipelines.base import Batch, LoaderConfig, seed_from
 from pipelines.gpu_augment import blur_matrices, gaussian_kernels, hsv_saturation
 from pipelines.imagefolder import ImageFolderIndex, SkipLog, Unreadable, load_index, read_rgb
 from pipelines.views import ViewRecipe, ViewSpec
@@ -148,8 +151,27 @@ def collate_skipping(samples: list) -> tuple[list | None, list[Unreadable]]:
     return (default_collate(loaded) if loaded else None), failed
 
 
-class ShardSampler(Sampler[int]):
-    """A (seed, epoch)-seeded permutation, strided over ranks; every index exactly once across ranks."""
+class EpochSeeded(Dataset):
+    """`dataset[index]` for the items (epoch, index) of `ShardSampler`, drawn with torch's generator
+    seeded by (seed, epoch, index). The process's own generator state is put back afterwards: with
+    --workers 0 this runs in the trainer, whose generator is part of its checkpoints."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_from(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class ShardSampler(Sampler[tuple[int, int]]):
+    """A (seed, epoch)-seeded permutation, strided over ranks; every index exactly once across ranks.
+    Yields (epoch, index): `EpochSeeded` seeds each sample's augmentations with both."""
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int):
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
@@ -161,10 +183,10 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(range(self.rank, self.size, self.world_size))
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
-        return iter(order[self.rank::self.world_size].tolist())
+        return ((self.epoch, index) for index in order[self.rank::self.world_size].tolist())
 
 
 class TorchvisionTwoViewLoader:
@@ -177,10 +199,12 @@ class TorchvisionTwoViewLoader:
         self.runtime_skips = SkipLog()
         self.sampler = ShardSampler(len(index.samples), cfg.rank, cfg.world_size, cfg.seed)
         self.loader = DataLoader(
-            TwoViewImageFolder(index, cfg.recipe, transform), batch_size=cfg.batch_size, sampler=self.sampler,
+            EpochSeeded(TwoViewImageFolder(index, cfg.recipe, transform), cfg.seed), batch_size=cfg.batch_size,
+            sampler=self.sampler,
             num_workers=cfg.workers, persistent_workers=cfg.workers > 0, drop_last=cfg.drop_last,
             pin_memory=cfg.device.type == "cuda", collate_fn=collate_skipping,
-            # Per-rank worker seeds, so ranks draw different augmentations for their samples.
+            # Workers' base seeds (augmentations are seeded per sample by EpochSeeded) from the run's seed,
+            # not from the trainer's generator.
             generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + cfg.rank),
             worker_init_fn=ignore_stop_signals,  # a signal to the process group must reach only the trainer
         )

@@ -1,8 +1,11 @@
 """Preemption and resume through train.py: SIGTERM mid-run, a corrupt newest checkpoint, then --resume
-must end with exactly the weights of an uninterrupted run (deterministic CPU mode, synthetic loader)."""
+must end with exactly the weights of an uninterrupted run (deterministic CPU mode, synthetic loader);
+and for every real loader, a run resumed mid-epoch repeats an uninterrupted run's losses and weights."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.ffcv_convert import main as ffcv_convert
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 
 STEPS = 8
@@ -21,8 +25,8 @@ RUN = ("train.py", "--loader", "synthetic", "--gpus", "0", "--arch", "resnet18",
        "--checkpoint-minutes", "1e-6")
 
 
-def train(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *RUN, "--out", str(out), *extra], capture_output=True, text=True,
+def train(out: Path, *extra: str, run: tuple[str, ...] = RUN) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *run, "--out", str(out), *extra], capture_output=True, text=True,
                           timeout=400)
 
 
@@ -61,6 +65,15 @@ def final_state(out: Path) -> dict:
     return load_checkpoint(CheckpointDir(out / "checkpoints", keep=3).paths()[0])
 
 
+def differing_tensors(out_a: Path, out_b: Path) -> list[str]:
+    """Names of the weights, target weights and optimizer tensors that differ between two runs' last
+    checkpoints (both must hold the same, non-trivial set)."""
+    a, b = (tensors({part: state[part] for part in ("online", "target", "optimizer")})
+            for state in (final_state(out_a), final_state(out_b)))
+    assert a.keys() == b.keys() and len(a) > 100
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return {prefix: tree}
@@ -88,11 +101,62 @@ def test_resume_skips_the_corrupt_checkpoint_and_matches_an_uninterrupted_run(ru
     assert "ckpt-000000004.pt at step 4" in resumed.stdout
     straight, again = final_state(runs["root"] / "straight"), final_state(runs["root"] / "killed")
     assert straight["step"] == again["step"] == STEPS
-    a, b = tensors({k: straight[k] for k in ("online", "target", "optimizer")}), \
-        tensors({k: again[k] for k in ("online", "target", "optimizer")})
-    assert a.keys() == b.keys() and len(a) > 100
-    different = [k for k in a if not torch.equal(a[k], b[k])]
+    different = differing_tensors(runs["root"] / "straight", runs["root"] / "killed")
     assert not different, different[:5]
     # The metric files hold each step once: rows logged after the resumed-from checkpoint were dropped.
     jsonl = (runs["root"] / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in jsonl] == [2, 4, 6, 8]
+
+
+# ---------------------------------------------------------------- every loader, resumed mid-epoch
+
+# 64 images in batches of 16: 4 steps an epoch; the resumed run restarts 2 steps into epoch 1.
+LOADER_STEPS, RESUME_AT = 10, 6
+LOADER_RUN = ("train.py", "--gpus", "0", "--arch", "resnet18", "--res", "8", "--batch-size", "16", "--no-compile",
+              "--hidden-dim", "64", "--proj-dim", "32", "--deterministic", "--steps", str(LOADER_STEPS),
+              "--log-every", "1", "--checkpoint-minutes", "1e-6", "--keep-checkpoints", str(LOADER_STEPS + 1))
+
+
+@pytest.fixture(scope="module")
+def photo_beton(photo_corpus, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("beton") / "photos.beton")
+    assert ffcv_convert(["--src", photo_corpus, "--out", out, "--max-res", "64", "--workers", "2"]) == 0
+    return out
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, LOADER_STEPS + 1))
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def resume_from(straight: Path, resumed: Path, step: int) -> None:
+    """`resumed`: `straight` as it stood when interrupted right after saving `step` (later checkpoints gone)."""
+    shutil.copytree(straight, resumed)
+    for path in CheckpointDir(resumed / "checkpoints", keep=LOADER_STEPS + 1).paths():
+        if int(path.name[5:14]) > step:
+            path.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(("loader", "workers"), [("torchvision", 0), ("torchvision", 2), ("dali", 2), ("ffcv", 2)])
+def test_every_loader_resumed_mid_epoch_matches_an_uninterrupted_run(loader, workers, request, tmp_path) -> None:
+    """The augmentations of a resumed epoch used to differ from the uninterrupted run's: torchvision's
+    DataLoader workers restarted from their first seed (and with --workers 0 the skipped batches drew
+    again from the restored generator), DALI rebuilt its pipeline with another order and seed, and FFCV's
+    on-device augmentation drew from the trainer's generator. Each epoch's draws are now a function of
+    (seed, epoch, sample or batch) alone."""
+    data = request.getfixturevalue("photo_beton" if loader == "ffcv" else "photo_corpus")
+    run = (*LOADER_RUN, "--loader", loader, "--data", data, "--workers", str(workers))
+    straight = train(tmp_path / "straight", run=run)
+    assert straight.returncode == 0, straight.stderr
+    resume_from(tmp_path / "straight", tmp_path / "resumed", RESUME_AT)
+    resumed = train(tmp_path / "resumed", "--resume", run=run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {RESUME_AT}" in resumed.stdout
+    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert got == expected
+    assert final_state(tmp_path / "resumed")["step"] == LOADER_STEPS
+    different = differing_tensors(tmp_path / "straight", tmp_path / "resumed")
+    assert not different, different[:5]
