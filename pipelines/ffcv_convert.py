@@ -41,7 +41,6 @@ from types import FrameType
 
 import cv2
 import numpy as np
-from PIL import Image
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -54,7 +53,7 @@ from rich.progress import (
 from rich.text import Text
 
 from pipelines.fashion_mnist import load_fashion_mnist
-from pipelines.imagefolder import scan_image_folder
+from pipelines.imagefolder import DECODE_ERRORS, open_rgb, scan_image_folder
 from runtime.signals import StopRequest
 
 FASHION_MNIST = "fashion-mnist"
@@ -71,8 +70,6 @@ BETON_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size"
 BETON_VERSION = 2
 # What a sample that cannot be decoded is written as, until `drop_samples` takes it out again.
 PLACEHOLDER = (np.zeros((1, 1, 3), np.uint8), -1)
-# Errors PIL raises for a file that cannot be decoded (DecompressionBombError is not an OSError).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -117,9 +114,10 @@ class UnreadableSample(Exception):
 
 
 def _decode_failure(err: Exception) -> str:
+    """Why a file that passed the scan failed to decode, in the words of imagefolder.read_rgb."""
     if isinstance(err, FileNotFoundError):
-        return "file no longer exists (removed after the scan)"
-    return f"cannot be decoded ({err})"
+        return "the file no longer exists (deleted after the scan)"
+    return f"cannot decode ({err})"
 
 
 def fit_within(image: np.ndarray, max_res: int | None) -> np.ndarray:
@@ -135,14 +133,9 @@ def fit_within(image: np.ndarray, max_res: int | None) -> np.ndarray:
 
 
 def load_rgb(path: str, max_res: int | None) -> np.ndarray:
-    """The image at `path` as an RGB uint8 array whose longest side is at most `max_res`."""
-    with Image.open(path) as img:
-        if max_res is not None:
-            # JPEG DCT scaling decodes large files at 1/2..1/8 size directly (never below max_res).
-            scale = max_res / max(img.size)
-            img.draft("RGB", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
-        rgb = np.asarray(img.convert("RGB"))
-    return fit_within(rgb, max_res)
+    """The image at `path` decoded as every loader decodes it (open_rgb; a JPEG DCT-scaled straight to
+    at least max_res), as an RGB uint8 array whose longest side is at most `max_res`."""
+    return fit_within(np.asarray(open_rgb(path, min_side=max_res)), max_res)
 
 
 class FolderImages:

@@ -186,8 +186,8 @@ def test_files_unreadable_at_write_time_are_skipped_and_counted(photo_corpus, tm
     out = tmp_path / "out.beton"
     assert main(["--src", str(tmp_path / "src"), "--out", str(out), "--max-res", "64", "--workers", "2"]) == 0
     captured = capfd.readouterr()
-    assert f"{corrupt}: cannot be decoded" in captured.err
-    assert f"{removed}: file no longer exists" in captured.err
+    assert f"{corrupt}: cannot decode" in captured.err
+    assert f"{removed}: the file no longer exists" in captured.err
     assert f"wrote {len(files) - 2} images" in captured.out and "skipped 2 unreadable file(s)" in captured.out
     reader = Reader(str(out))
     kept = [f for f in files if f not in (corrupt, removed)]

@@ -112,9 +112,11 @@ def test_resume_skips_the_corrupt_checkpoint_and_matches_an_uninterrupted_run(ru
 
 # 64 images in batches of 16: 4 steps an epoch; the resumed run restarts 2 steps into epoch 1.
 LOADER_STEPS, RESUME_AT = 10, 6
-LOADER_RUN = ("train.py", "--gpus", "0", "--arch", "resnet18", "--res", "8", "--batch-size", "16", "--no-compile",
-              "--hidden-dim", "64", "--proj-dim", "32", "--deterministic", "--steps", str(LOADER_STEPS),
-              "--log-every", "1", "--checkpoint-minutes", "1e-6", "--keep-checkpoints", str(LOADER_STEPS + 1))
+LOADER_RUN = ("train.py", "--gpus", "0", "--arch", "resnet18", "--width", "8", "--res", "8", "--batch-size", "16",
+              "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--deterministic",
+              "--steps", str(LOADER_STEPS), "--log-every", "1",
+              # A checkpoint after every step (kept), so any step can be the one a run was interrupted after.
+              "--checkpoint-minutes", "1e-6", "--keep-checkpoints", str(LOADER_STEPS + 1))
 
 
 @pytest.fixture(scope="module")
