@@ -390,6 +390,8 @@ def write_beton(dataset, out: str | os.PathLike, image_field, workers: int,
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
+    import pipelines.numba_threads  # noqa: F401  (numba's pool, before FFCV runs: see there)
+
     out = Path(out)
     hooks = _WriterHooks(progress, f"writing {out.name}")
     tmp = writer = None

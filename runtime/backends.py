@@ -3,6 +3,7 @@ before its first CUDA kernel."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -28,3 +29,11 @@ def configure_backends(deterministic: bool) -> None:
     # CUDA only: the CPU (mkldnn) fp32 precision is left alone.
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
+    quiet_cpu_compile()
+
+
+def quiet_cpu_compile() -> None:
+    """torch.compile on a machine without CUDA imports torch.utils.cpp_extension, which warns "No CUDA
+    runtime is found, using CUDA_HOME=..." although nothing CUDA is built: noise on every CPU run."""
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

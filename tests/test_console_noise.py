@@ -1,0 +1,57 @@
+"""Library noise a user should never see on the console."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.registry import is_available
+
+REPO = Path(__file__).resolve().parents[1]
+
+FORK_WHILE_DECODING = """
+import os, sys
+from pipelines.base import LoaderConfig
+from pipelines.ffcv_convert import main as convert
+from pipelines.registry import build_loader
+from pipelines.views import BYOL_VIEWS
+
+beton = sys.argv[2]
+assert convert(["--src", sys.argv[1], "--out", beton, "--workers", "1"]) == 0
+loader = build_loader("ffcv", LoaderConfig(data=beton, batch_size=4, recipe=BYOL_VIEWS.with_overrides(res=32),
+                                           workers=2))
+batches = iter(loader)
+next(batches)
+for _ in range(3):  # forks while FFCV's thread decodes ahead, as torch.compile's C++ builds do
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    next(batches)
+import numba
+print("layer", numba.threading_layer())
+"""
+
+
+@pytest.mark.skipif(not is_available("ffcv"), reason="ffcv is not installed")
+def test_forking_while_ffcv_decodes_prints_no_numba_thread_warning(photo_corpus: str, tmp_path: Path) -> None:
+    """numba's TBB pool printed "Unable to join threads to shut down before fork()" at every fork made
+    while FFCV's loader thread was decoding (this machine has TBB, so the old default was TBB)."""
+    proc = subprocess.run([sys.executable, "-c", FORK_WHILE_DECODING, photo_corpus, str(tmp_path / "c.beton")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Unable to join threads" not in proc.stderr + proc.stdout
+    assert "layer omp" in proc.stdout
+
+
+def test_cpu_compile_does_not_warn_about_a_missing_cuda_runtime() -> None:
+    """torch.utils.cpp_extension (imported by torch.compile's C++ backend) warned on every CPU run."""
+    script = ("from runtime.backends import configure_backends\n"
+              "configure_backends(deterministic=False)\n"
+              "import torch.utils.cpp_extension\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "No CUDA runtime" not in proc.stderr
