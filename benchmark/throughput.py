@@ -44,8 +44,8 @@ stable keys, schema_version 2):
     sections:    {decode: {pil: R}, loader: {<loader>: R}, step: {<compile>-<optimizer>: R},
                   end_to_end: {<loader>: R}, ffcv_variants: {<variant>: R}}, a section not run is {};
                   R = {images_per_s (median), min, max, spread_pct ((max-min)/median), runs [images/s],
-                  seconds [s per run], units [batches/steps per run], warmup, per_run (minimum units),
-                  min_seconds, unit}
+                  seconds [s per run], units [batches/steps per run], warmup, warmup_seconds (untimed
+                  warm-up incl. compilation), per_run (minimum units), min_seconds, unit}
     ceiling:     key of sections.step that end_to_end runs and verdicts compare with, or null
     verdict:     {<loader>: {bound ("loader"|"compute"), loader_images_per_s, step_images_per_s,
                   loader_over_step, end_to_end_images_per_s, end_to_end_pct_of_step, above_ceiling,

@@ -42,6 +42,9 @@ class Rate:
     min_seconds: float = 0.0
     seconds: tuple[float, ...] = ()  # each run's wall time
     units: tuple[int, ...] = ()  # units each run took
+    # Wall time of the untimed warm-up (for a compiled step: mostly compilation), so a reader can tell
+    # after how many steps compiling pays for itself.
+    warmup_seconds: float = 0.0
 
     @property
     def median(self) -> float:
@@ -80,9 +83,9 @@ def time_runs(run: Callable[[], tuple[int, int]], repeats: int, device: torch.de
 
 
 def rate_of(timed: list[tuple[float, float, int]], warmup: int, per_run: int, unit: str,
-            min_seconds: float = 0.0) -> Rate:
+            min_seconds: float = 0.0, warmup_seconds: float = 0.0) -> Rate:
     rates, seconds, units = zip(*timed, strict=True)
-    return Rate(tuple(rates), warmup, per_run, unit, min_seconds, tuple(seconds), tuple(units))
+    return Rate(tuple(rates), warmup, per_run, unit, min_seconds, tuple(seconds), tuple(units), warmup_seconds)
 
 
 def endless(loader: TwoViewLoader) -> Iterator[Batch]:
@@ -101,8 +104,12 @@ def measure_stream(
     """Rate of `consume(batch)` over a batch stream: `warmup` untimed batches, then `repeats` runs of at
     least `per_run` batches and at least `min_seconds` each. The stream continues across runs, so every
     run sees a warm pipeline."""
+    synchronize(device)
+    start = time.perf_counter()
     for _ in range(warmup):
         consume(next(stream))
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - start
 
     def run() -> tuple[int, int]:
         images = batches = 0
@@ -114,7 +121,7 @@ def measure_stream(
             batches += 1
         return images, batches
 
-    return rate_of(time_runs(run, repeats, device), warmup, per_run, unit, min_seconds)
+    return rate_of(time_runs(run, repeats, device), warmup, per_run, unit, min_seconds, warmup_seconds)
 
 
 def measure_loader(stream: Iterator[Batch], warmup: int, batches: int, repeats: int, device: torch.device,

@@ -23,8 +23,8 @@ from pipelines.registry import is_available
 REPO = Path(__file__).resolve().parents[1]
 TOP_KEYS = {"schema_version", "environment", "setup", "sections", "ceiling", "verdict", "baseline",
             "speedup_vs_baseline", "best_loader", "lars_agreement", "ffcv_costs", "skipped"}
-RATE_KEYS = {"images_per_s", "min", "max", "spread_pct", "runs", "seconds", "units", "warmup", "per_run",
-             "min_seconds", "unit"}
+RATE_KEYS = {"images_per_s", "min", "max", "spread_pct", "runs", "seconds", "units", "warmup", "warmup_seconds",
+             "per_run", "min_seconds", "unit"}
 ENV_KEYS = {"date", "device", "device_name", "cpu_model", "cpu_cores_used", "cpu_count", "torch_threads",
             "load_average", "load_average_end", "hostname", "versions", "git_commit"}
 VERDICT_KEYS = {"bound", "loader_images_per_s", "step_images_per_s", "loader_over_step", "end_to_end_images_per_s",
@@ -191,9 +191,10 @@ def test_measure_stream_runs_by_time_not_only_by_count() -> None:
         time.sleep(0.01)
 
     stream = ((torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4)) for _ in range(1000))
-    rate = measure_stream(stream, slow, warmup=0, per_run=2, repeats=2, device=torch.device("cpu"),
+    rate = measure_stream(stream, slow, warmup=3, per_run=2, repeats=2, device=torch.device("cpu"),
                           unit="steps", min_seconds=0.05)
     assert all(units >= 5 for units in rate.units) and all(s >= 0.05 for s in rate.seconds)
+    assert rate.warmup_seconds >= 0.03
     assert rate.min_seconds == 0.05
 
 
