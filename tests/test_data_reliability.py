@@ -125,37 +125,26 @@ def test_dali_drops_a_file_that_becomes_undecodable_after_the_scan(tmp_path, cap
 
 
 @pytest.mark.timeout(60)
-def test_dali_failure_with_no_file_to_blame_is_one_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("operator", "failure", "expected"), [
+    # A decode failure no file can be found for: one line pointing to the deep check and the PIL loader.
+    ("decoders.image", "nvImageCodec failure: '#4'",
+     r"nvImageCodec failure: .#4.; no file of it .*--deep-check .*--loader torchvision"),
+    # A failure that is not about a file is reported as it is.
+    ("gaussian_blur", "out of memory", r"^DALI failed while loading .*: out of memory$"),
+])
+def test_dali_failure_without_a_file_to_drop_is_one_clear_error(tmp_path, monkeypatch, operator, failure, expected):
     import pipelines.dali as dali
 
     _folder(tmp_path)
     loader = _dali_loader(tmp_path)
 
     def failing():
-        raise RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n"
-                           "encountered:\nnvImageCodec failure: '#4'\n")
+        raise RuntimeError(f"Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.{operator}`,\n"
+                           f"encountered:\n{failure}\n")
         yield
 
     monkeypatch.setattr(loader, "_iterator", failing())
-    expected = r"nvImageCodec failure: .#4.; no file of it .*--deep-check .*--loader torchvision"
     with pytest.raises(dali.DaliLoaderError, match=expected):
-        next(iter(loader))
-
-
-@pytest.mark.timeout(60)
-def test_dali_failure_that_is_not_about_a_file_is_reported_as_it_is(tmp_path, monkeypatch):
-    import pipelines.dali as dali
-
-    _folder(tmp_path)
-    loader = _dali_loader(tmp_path)
-
-    def failing():
-        raise RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.gaussian_blur`,\n"
-                           "encountered:\nout of memory\n")
-        yield
-
-    monkeypatch.setattr(loader, "_iterator", failing())
-    with pytest.raises(dali.DaliLoaderError, match=r"^DALI failed while loading .*: out of memory$"):
         next(iter(loader))
     assert not loader.skipped
 
