@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Self
 
@@ -28,6 +29,7 @@ from torchvision.transforms import v2
 from pipelines.builtin import parse_builtin
 from pipelines.fashion_mnist import CLASSES, load_fashion_mnist
 from pipelines.imagefolder import SkipLog, Unreadable, announce, load_index, read_rgb
+from runtime.signals import ignore_stop_signals
 
 LabelledBatch = tuple[torch.Tensor, torch.Tensor]
 # Standard linear-eval geometry for photos: resize the short side to res / 0.875, centre-crop res.
@@ -108,14 +110,16 @@ class _CenterCropped(Dataset):
 class FolderSet(_Subsettable):
     """An ImageFolder tree decoded on the fly (too large to hold in memory), centre-cropped to res."""
 
-    def __init__(self, root: str, workers: int = 4, classes: list[str] | None = None, role: str = "eval data"):
+    def __init__(self, root: str, workers: int | None = None, classes: list[str] | None = None,
+                 role: str = "eval data"):
         """classes: the training folder's, which this set's labels must follow by name (the set is then
         `--val-data` in the error for a class that list lacks); `role` starts its start-up line."""
         index = load_index(root, role=role)
         self.classes = classes or index.classes
         self.samples = _relabelled(index.samples, index.classes, self.classes, f"--val-data {root}")
         self.num_classes = len(self.classes)
-        self.workers = workers
+        # As many decode processes as this process may use cores: more only contend (and torch warns).
+        self.workers = len(os.sched_getaffinity(0)) if workers is None else workers
         self.runtime_skips = SkipLog()
 
     @property
@@ -139,7 +143,10 @@ class FolderSet(_Subsettable):
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
         dataset = _CenterCropped(self.samples, res)
         for start, (images, labels, reasons) in zip(itertools.count(0, batch_size), DataLoader(
-                dataset, batch_size=batch_size, num_workers=self.workers), strict=False):
+                dataset, batch_size=batch_size, num_workers=self.workers,
+                # A signal to the process group must reach the trainer, which stops cleanly, not kill
+                # the workers under it.
+                worker_init_fn=ignore_stop_signals), strict=False):
             for offset, reason in enumerate(reasons):
                 if reason:
                     self.runtime_skips.add(Unreadable(self.samples[start + offset][0],
@@ -177,10 +184,10 @@ def evenly_spaced(total: int, count: int) -> torch.Tensor:
 
 def eval_splits(
     data: str, val_data: str | None = None, train_limit: int | None = None, test_limit: int | None = None,
-    workers: int = 4,
+    workers: int | None = None,
 ) -> tuple[EvalSet, EvalSet]:
     """(train, test) sets for `--data`: the built-in dataset's splits, or two ImageFolder roots
-    decoded by `workers` DataLoader processes (0: in this process).
+    decoded by `workers` DataLoader processes (0: in this process; None: one per usable core).
 
     The limits keep that many evenly spaced samples of each (features of all 70k Fashion-MNIST
     images take minutes on a CPU; a few thousand give a usable monitor).

@@ -245,3 +245,27 @@ def test_limits_keep_evenly_spaced_samples(tmp_path) -> None:
     (images, labels), = list(train.batches(8, res=8))
     assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 1]
     assert images[2, 1].float().mean().item() == pytest.approx(100, abs=1)  # green channel of class 1
+
+
+def test_folder_workers_leave_stop_signals_to_the_main_process(tmp_path, monkeypatch) -> None:
+    """A SIGTERM to the process group must not kill the evaluation's decode workers under the trainer:
+    each worker ignores SIGTERM and SIGINT (read inside real worker processes), and there are as many
+    workers as usable cores by default."""
+    import os
+    import signal
+
+    import evaluation.data as data
+
+    train, _ = eval_splits(_class_folders(tmp_path / "train", ["a", "b"], per_class=2),
+                           _class_folders(tmp_path / "val", ["a", "b"], per_class=1))
+    assert train.workers == len(os.sched_getaffinity(0))
+
+    def handlers_in_worker(self, i: int) -> tuple[torch.Tensor, int, str]:
+        ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT))
+        return torch.zeros(3, 8, 8), int(ignored), ""
+
+    monkeypatch.setattr(data._CenterCropped, "__getitem__", handlers_in_worker)
+    train.workers = 2
+    labels = torch.cat([labels for _, labels in train.batches(batch_size=2, res=8)])
+    assert labels.tolist() == [1, 1, 1, 1]
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the main process still stops on it
