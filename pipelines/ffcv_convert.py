@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import multiprocessing
+import multiprocessing.queues
 import os
 import queue
 import secrets
@@ -229,6 +231,24 @@ def _worker(target, parent: int, *args) -> None:
     target(*args)
 
 
+class _WatchedQueue(multiprocessing.queues.Queue):
+    """A multiprocessing queue whose blocking get in the main process gives up when a writer worker
+    has died: ffcv waits on one for each worker's allocation table after the last sample, and a worker
+    that fails at its very end (the disk full while it flushes its last page) would never send it."""
+
+    def __init__(self, hooks: _WriterHooks, maxsize: int = 0) -> None:
+        super().__init__(maxsize, ctx=multiprocessing.get_context())
+        self.hooks = hooks
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if not block or timeout is not None or os.getpid() != self._opid:  # workers wait as usual
+            return super().get(block, timeout)
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return super().get(timeout=0.2)
+            self.hooks.check_workers()
+
+
 class _WriterHooks:
     """Stand-ins for ffcv.writer's tqdm, Process, Queue and sleep while one conversion runs.
 
@@ -261,14 +281,17 @@ class _WriterHooks:
         self.workers.append(worker)
         return worker
 
-    def queue(self, *args, **kwargs) -> Queue:
-        created = Queue(*args, **kwargs)
+    def queue(self, maxsize: int = 0) -> Queue:
+        created = _WatchedQueue(self, maxsize)
         self.queues.append(created)
         return created
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
         self._drain_reports()
+        self.check_workers()
+
+    def check_workers(self) -> None:
         failed = [w for w in self.workers if w.exitcode not in (None, 0)]
         if failed:
             raise ConversionError(

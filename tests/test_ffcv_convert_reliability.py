@@ -4,6 +4,7 @@ and an --out that cannot be (or must not be) written is refused before any work.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -17,7 +18,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.ffcv_convert import BETON_HEADER, FolderImages, drop_samples, fit_within, main, new_progress, write_beton
+from pipelines.ffcv_convert import (
+    BETON_HEADER,
+    ConversionError,
+    FolderImages,
+    drop_samples,
+    fit_within,
+    main,
+    new_progress,
+    write_beton,
+)
 from pipelines.imagefolder import scan_image_folder
 
 pytestmark = pytest.mark.timeout(180)
@@ -216,6 +226,24 @@ def test_dropped_samples_leave_a_beton_the_loader_reads(photo_corpus, tmp_path) 
                           order="sequential")
     (_, labels), = list(loader.crops())
     assert labels.view(-1).tolist() == [label for i, (_, label) in enumerate(samples) if i not in drop]
+
+
+@pytest.mark.timeout(60)
+def test_worker_failing_after_its_last_sample_ends_the_conversion(photo_corpus, tmp_path, monkeypatch) -> None:
+    """A worker that dies once every sample is counted (the disk full as it flushes its last page) never
+    sends ffcv the allocation table it waits for: the conversion hung."""
+    from ffcv.fields import RGBImageField
+    from ffcv.memory_allocator import MemoryAllocator
+
+    def disk_full(self, *_exc) -> None:
+        time.sleep(0.5)  # after the main process has seen the last sample counted
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MemoryAllocator, "__exit__", disk_full)  # the forked workers inherit it
+    samples = scan_image_folder(photo_corpus).samples[:8]
+    with pytest.raises(ConversionError, match="writer worker exited"), new_progress() as progress:
+        write_beton(FolderImages(samples, 32), tmp_path / "out.beton", RGBImageField(), 2, progress)
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------- extreme aspect ratios
