@@ -295,8 +295,8 @@ class _WriterHooks:
         failed = [w for w in self.workers if w.exitcode not in (None, 0)]
         if failed:
             raise ConversionError(
-                f"a writer worker exited with code {failed[0].exitcode} (its traceback is "
-                "above); fix or remove that file and run again"
+                f"a writer worker exited with code {failed[0].exitcode}; its traceback above names the "
+                "cause (a file to fix or remove, a full disk): fix it and run again"
             )
 
     def _drain_reports(self) -> None:
