@@ -19,7 +19,8 @@ The output appears atomically: the writer fills a hidden temp file next to --out
 into place only when complete. --out is checked before any work (its folder must accept a new
 file; an existing file there must be a .beton, which is then replaced). SIGINT (Ctrl-C) and
 SIGTERM stop the conversion at once: the writer workers are killed, the temp file and the shared
-memory segment removed, and the exit code is 128 + the signal (130, 143).
+memory segment removed, and the exit code is 128 + the signal (130, 143). Killed outright, it takes
+its workers with it (PR_SET_PDEATHSIG), and the next conversion into the folder removes its temp file.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import multiprocessing
 import multiprocessing.queues
 import os
 import queue
-import secrets
 import signal
 import sys
 import time
@@ -56,6 +56,7 @@ from rich.text import Text
 
 from pipelines.fashion_mnist import load_fashion_mnist
 from pipelines.imagefolder import DECODE_ERRORS, open_rgb, scan_image_folder
+from runtime.checkpoint import sweep_stale_temp_files, temp_path
 from runtime.signals import StopRequest
 
 FASHION_MNIST = "fashion-mnist"
@@ -363,11 +364,18 @@ def _release_shared_memory(writer) -> None:
 
 
 def create_temp(out: Path) -> Path:
-    """A new empty hidden file next to `out` (so os.replace stays on one file system), with the
-    permissions the umask gives (mkstemp's are 0600)."""
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    """A new empty hidden file next to `out` (so os.replace stays on one file system), named by host
+    and pid as the checkpoints' temp files are, so that a later run removes it if this one is killed
+    outright (SIGKILL); with the permissions the umask gives (mkstemp's are 0600)."""
+    tmp = temp_path(out)
+    os.close(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o666))
     return tmp
+
+
+def sweep_stale_temps(folder: Path, console: Console) -> None:
+    """Remove, naming each, the temp files that writers killed outright left in `folder`."""
+    for stale in sweep_stale_temp_files(folder):
+        console.print(f"removed {stale}, the temp file of a writer that was killed")
 
 
 def drop_samples(path: str | os.PathLike, drop: Sequence[int]) -> int:
@@ -419,6 +427,7 @@ def write_beton(dataset, out: str | os.PathLike, image_field, workers: int,
     hooks = _WriterHooks(progress, f"writing {out.name}")
     tmp = writer = None
     try:
+        sweep_stale_temps(out.parent, progress.console)
         tmp = create_temp(out)
         writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, num_workers=workers)
         with hooks.installed():

@@ -109,7 +109,7 @@ def _wait_until_gone(pids: set[int], timeout: float = 10) -> set[int]:
 
 
 def _temp_files(folder: Path) -> list[Path]:
-    return list(folder.glob(".*.tmp"))
+    return list(folder.glob(".*.tmp-*"))
 
 
 # ---------------------------------------------------------------- signals
@@ -151,6 +151,21 @@ def test_signal_while_writing_exits_promptly_leaving_nothing(tmp_path, signum: i
     assert os.listdir(tmp_path) == []
     assert not [s for s in segments if os.path.exists(s)]
     assert not _wait_until_gone(children)
+
+
+def test_sigkill_takes_the_workers_and_the_next_run_removes_its_temp_file(tmp_path, capfd) -> None:
+    """Killed outright, the converter cannot clean up: its workers must still die with it (they were
+    orphaned, writing on), and the temp file it leaves is removed by the next conversion into that folder."""
+    out = tmp_path / "x.beton"
+    run = Conversion.start(*LONG_CONVERSION, "--out", str(out))
+    run.wait_for(lambda: any(p.stat().st_size > 1 << 20 for p in _temp_files(tmp_path)), "data in the temp file")
+    children, (leftover,) = run.descendants(), _temp_files(tmp_path)
+    run.process.kill()
+    run.finish()
+    assert not _wait_until_gone(children)
+    assert main(["--src", "fashion-mnist", "--limit", "10", "--workers", "1", "--out", str(out)]) == 0
+    assert f"removed {leftover}" in capfd.readouterr().err
+    assert os.listdir(tmp_path) == ["x.beton"]
 
 
 # ---------------------------------------------------------------- files unreadable while writing
