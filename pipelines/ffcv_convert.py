@@ -93,8 +93,8 @@ class InterruptOnSignal(StopRequest):
     cleanup they trigger runs to the end. Default SIGTERM would kill the process with its writer
     workers, temp file and shared memory left behind.
 
-    The signal is recorded as well: numba's compiler, which runs while ffcv is imported, swallows the
-    exception, and `check()` then raises it after the import.
+    The signal is recorded as well: a KeyboardInterrupt raised while ffcv is imported (numba compiling)
+    vanished, and the run went on to write the whole file; `check()` after the import raises it again.
     """
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
