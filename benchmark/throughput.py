@@ -37,7 +37,7 @@ stable keys, schema_version 2):
     environment: date, device ("cpu"|"cuda"), device_name, cpu_model, cpu_cores_used, cpu_count,
                  torch_threads, load_average [1, 5, 15 min] at the start, load_average_end, hostname,
                  versions {python, torch, ...}, git_commit
-    setup:       corpus, corpus_images, beton, res, batch_size, arch, small_images, hidden_dim,
+    setup:       corpus, corpus_images, beton, res, batch_size, arch, small_images, width, hidden_dim,
                  precision, view_dtype, workers, repeats, loader_batches, loader_seconds, loader_warmup,
                  steps, step_seconds, step_warmup, compile_modes, optimizers, loaders, sections, quick,
                  notes [str]
@@ -100,6 +100,7 @@ from benchmark.timing import (
     warm_os_cache,
 )
 from config import TrainConfig
+from models.backbones import DEFAULT_WIDTH
 from models.schedules import scaled_lr
 from models.step import ByolStep
 from pipelines.base import Batch, LoaderConfig, LoaderUnavailable, TwoViewLoader
@@ -139,6 +140,7 @@ class Sizes:
     compile_modes: tuple[str, ...]
     sections: tuple[str, ...]
     small_images: bool | None = None  # None: the trainer's rule (CIFAR stem at <= 64 px)
+    width: int = DEFAULT_WIDTH
 
 
 PRESETS = {
@@ -176,7 +178,7 @@ class Bench:
     def train_config(self) -> TrainConfig:
         s = self.sizes
         return TrainConfig(arch=s.arch, res=s.res, batch_size=s.batch_size, hidden_dim=s.hidden_dim,
-                           small_images=s.small_images).resolved()
+                           small_images=s.small_images, width=s.width).resolved()
 
     @property
     def precision(self) -> str:
@@ -390,6 +392,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--res", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"))
+    parser.add_argument("--width", type=int, help=f"backbone width (default {DEFAULT_WIDTH}, torchvision's)")
     parser.add_argument("--hidden-dim", type=int, help="projector/predictor hidden width")
     parser.add_argument("--repeats", type=int, help="timed runs per figure (median reported)")
     parser.add_argument("--batches", type=int, help="loader batches per timed run, at least")
@@ -418,7 +421,7 @@ def resolve_sizes(args: argparse.Namespace, device: torch.device) -> Sizes:
     if "compile_modes" in overrides:
         overrides["compile_modes"] = tuple(overrides["compile_modes"])
     sizes = dataclasses.replace(preset, sections=sections, **overrides)
-    for name in ("res", "batch_size", "hidden_dim", "images", "repeats", "batches", "steps"):
+    for name in ("res", "batch_size", "width", "hidden_dim", "images", "repeats", "batches", "steps"):
         if getattr(sizes, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(sizes, name)}")
     for name in ("warmup", "step_warmup", "seconds", "step_seconds"):
@@ -500,7 +503,8 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
         "setup": {
             "corpus": str(Path(corpus).resolve()), "corpus_images": len(paths), "beton": beton,
             "res": sizes.res, "batch_size": sizes.batch_size, "arch": sizes.arch, "small_images": cfg.small_images,
-            "hidden_dim": sizes.hidden_dim, "precision": bench.precision, "view_dtype": str(bench.dtype),
+            "width": sizes.width, "hidden_dim": sizes.hidden_dim, "precision": bench.precision,
+            "view_dtype": str(bench.dtype),
             "workers": workers, "repeats": sizes.repeats, "loader_batches": sizes.batches,
             "loader_seconds": sizes.seconds, "loader_warmup": sizes.warmup, "steps": sizes.steps,
             "step_seconds": sizes.step_seconds, "step_warmup": sizes.step_warmup,
