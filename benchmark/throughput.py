@@ -108,6 +108,7 @@ from pipelines.ffcv_convert import DEFAULT_JPEG_QUALITY
 from pipelines.imagefolder import load_index
 from pipelines.registry import LOADER_MODULES, build_loader, is_available
 from pipelines.views import BYOL_VIEWS
+from runtime.backends import configure_backends
 from train import build_model, build_step, step_precision, view_dtype
 
 SECTIONS = ("decode", "loader", "step", "end_to_end", "ffcv_variants")
@@ -474,6 +475,9 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     cache = args.cache
     corpus = prepare_corpus(args.corpus, cache / ("quick" if args.quick else ""), sizes.images)
     cores, workers = len(core_ids), pin_cores(core_ids, args.quick)
+    # The trainer's kernel settings (cuDNN autotuning, TF32, subnormals flushed), or the step timed is
+    # not the step that trains.
+    configure_backends(deterministic=False)
     env = environment(device)
     skipped: dict[str, str] = {}
     loaders = []
