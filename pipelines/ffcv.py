@@ -35,7 +35,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 from torch.utils.data import DistributedSampler
 
-import pipelines.numba_threads  # noqa: F401  (numba's pool, before FFCV runs: see there)
+import pipelines.numba_runtime  # noqa: F401  (numba settings, before FFCV runs: see there)
 from pipelines.base import Batch, LoaderConfig, keep_torch_threads, seed_from
 from pipelines.ffcv_decoder import TwoCropDecoder
 from pipelines.gpu_augment import TwoViewAugment

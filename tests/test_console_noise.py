@@ -55,3 +55,33 @@ def test_cpu_compile_does_not_warn_about_a_missing_cuda_runtime() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "No CUDA runtime" not in proc.stderr
+
+
+def _raise_from(filename: str, exc: BaseException):
+    """The exception with a traceback whose innermost frame is in `filename`."""
+    try:
+        exec(compile("raise exc", filename, "exec"), {"exc": exc})
+    except BaseException as raised:  # noqa: BLE001
+        return raised
+
+
+def test_only_numbas_finaliser_race_is_dropped(monkeypatch) -> None:
+    """numba's dispatcher finaliser printed "Exception ignored ... KeyError: (Array(uint8, ...), ...)" when
+    an FFCV loader was dropped mid-compile; that message is dropped, any other unraisable still reaches
+    the previous hook."""
+    import os
+    import types
+
+    import pipelines.numba_runtime as numba_runtime
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+    numba_runtime.drop_finaliser_race_messages()
+    dispatcher = os.path.join("site-packages", "numba", "core", "dispatcher.py")
+    race = _raise_from(dispatcher, KeyError("(Array(uint8, 1, 'C'),)"))
+    elsewhere = _raise_from(os.path.join("site-packages", "mylib", "cache.py"), KeyError("k"))
+    other_type = _raise_from(dispatcher, RuntimeError("a real numba failure"))
+    for exc in (race, elsewhere, other_type):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
+                                                 err_msg=None, object=None))
+    assert seen == [elsewhere, other_type]
