@@ -2,7 +2,7 @@
 
 `build_parser()` derives the command line from the dataclass fields (help and choices live in the
 field metadata), so a new option is added in exactly one place. Options left at None take the
-recipe's value for the run length (`TrainConfig.resolved`), per ../shared/BYOL_RECIPE.md.
+recipe's value for the run length (`TrainConfig.resolved`), per docs/recipe.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BYOL networks and loss (Grill et al. 2020), per ../shared/BYOL_RECIPE.md.
+"""BYOL networks and loss (Grill et al. 2020), per docs/recipe.md.
 
 The online network (encoder, projector, predictor) is the only trained module and the only one
 DDP wraps; it takes both views in one call so DDP sees a single forward per step. The target

@@ -1,6 +1,6 @@
 """LARS with the official BYOL semantics, multi-tensor and free of host-device syncs.
 
-Per parameter p with gradient g (see ../shared/BYOL_RECIPE.md):
+Per parameter p with gradient g (see docs/recipe.md):
     u = g + wd * p
     r = eta * ||p|| / ||u||   (r = 1 where ||p|| == 0 or ||u|| == 0)
     m = mu * m + r * u

@@ -1,6 +1,6 @@
 """The BYOL view recipe: the one definition of both augmented views that every loader reads.
 
-Numbers follow ../shared/BYOL_RECIPE.md (Grill et al. 2020, Table 6). Loaders must not hard-code
+Numbers follow docs/recipe.md (Grill et al. 2020, Table 6). Loaders must not hard-code
 any of them; CLI flags override fields through `ViewRecipe.with_overrides`.
 
 Colour jitter (`ViewRecipe.jitter`, one of JITTER_MODES) on RGB x in [0, 1]; each pixel is a vector

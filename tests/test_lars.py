@@ -10,7 +10,7 @@ from models.lars import LARS, PerParameterLARS, scale_each, set_lr, split_1d_par
 
 
 def reference_lars_step(params, grads, buffers, lr, momentum, weight_decay, eta, adapt):
-    """Plain loop, one parameter at a time, straight from ../shared/BYOL_RECIPE.md."""
+    """Plain loop, one parameter at a time, straight from docs/recipe.md."""
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         u = g + weight_decay * p if adapt[i] else g.clone()
         if adapt[i]:
