@@ -202,6 +202,15 @@ class Bench:
         return build_step(cfg, build_model(cfg, self.device), self.device)
 
 
+def loader_module(name: str) -> str:
+    """The registry loader a benchmark loader needs: the baselines run on the torchvision loader."""
+    return "torchvision" if name in BASELINES else name
+
+
+def is_installed(name: str) -> bool:
+    return is_available(loader_module(name))
+
+
 def build_any(name: str, cfg: LoaderConfig) -> TwoViewLoader:
     """A fastbyol loader, a baseline or an ffcv variant by name."""
     if name in BASELINES:
@@ -482,11 +491,10 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     skipped: dict[str, str] = {}
     loaders = []
     for name in args.loaders:
-        module = "torchvision" if name in BASELINES else name
-        if is_available(module):
+        if is_installed(name):
             loaders.append(name)
         else:
-            skipped[name] = f"not installed (see {LOADER_MODULES[module]})"
+            skipped[name] = f"not installed (see {LOADER_MODULES[loader_module(name)]})"
     if "ffcv_variants" in sizes.sections and "ffcv" not in loaders:
         skipped["ffcv_variants"] = "needs the ffcv loader (not installed or not in --loaders)"
     reads_beton = {"loader", "end_to_end", "ffcv_variants"} & set(sizes.sections)

@@ -16,7 +16,7 @@ import torch
 
 import benchmark.throughput as throughput
 from benchmark.ffcv_variants import VARIANTS
-from benchmark.throughput import LOADERS, SECTIONS, main, verdicts
+from benchmark.throughput import LOADERS, SECTIONS, is_installed, main, verdicts
 from benchmark.timing import Rate, measure_stream
 from pipelines.registry import is_available
 
@@ -90,7 +90,7 @@ def test_quick_numbers_are_positive_and_self_consistent(quick) -> None:
 def test_quick_measures_every_installed_loader(quick) -> None:
     result, _ = quick
     for name in LOADERS:
-        if is_available("torchvision" if name == "solo-learn" else name):
+        if is_installed(name):
             assert name in result["sections"]["loader"], result["skipped"].get(name)
             assert name in result["sections"]["end_to_end"]
         else:
