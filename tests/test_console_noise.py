@@ -44,7 +44,16 @@ def test_forking_while_ffcv_decodes_prints_no_numba_thread_warning(photo_corpus:
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Unable to join threads" not in proc.stderr + proc.stdout
-    assert "layer omp" in proc.stdout
+    if _has_openmp_pool():
+        assert "layer omp" in proc.stdout
+
+
+def _has_openmp_pool() -> bool:
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_cpu_compile_does_not_warn_about_a_missing_cuda_runtime() -> None:
