@@ -332,7 +332,8 @@ def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL, ste
     else:  # a different world size cannot replay the old per-rank streams; stay deterministic anyway
         seed_all(cfg.seed + world.rank + state["step"])
     if world.is_main:
-        changed = sorted(k for k, v in state["config"].items() if k not in QUIET_CHANGES and cfg.to_dict().get(k) != v)
+        now = cfg.to_dict()
+        changed = sorted(k for k, v in state["config"].items() if k not in QUIET_CHANGES and now.get(k) != v)
         print(f"resumed from {path} at step {state['step']}"
               + (f"; options changed since it was saved: {', '.join(changed)}" if changed else ""))
         if state["steps_per_epoch"] != steps_per_epoch:

@@ -92,8 +92,9 @@ class SeparableGaussianBlur(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         sigma = torch.empty(1).uniform_(*self.sigma)  # torch's generator, seeded per DataLoader worker
         kernel = gaussian_kernels(sigma, self.kernel_size, torch.ones(1, dtype=torch.bool))
-        rows = blur_matrices(kernel, img.shape[-2])[0]
-        cols = blur_matrices(kernel, img.shape[-1])[0]
+        height, width = img.shape[-2:]
+        rows = blur_matrices(kernel, height)[0]
+        cols = rows if width == height else blur_matrices(kernel, width)[0]  # views are square: build once
         return rows @ img @ cols.mT
 
 
