@@ -82,7 +82,8 @@ def error_line(capsys, argv: list[str], code: int = 2) -> str:
 def test_sigterm_to_the_process_group_checkpoints_and_exits_143_with_torchvision_workers(tiny_folder, tmp_path):
     out = tmp_path / "run"
     process, log = start_train(out, *REAL, "--loader", "torchvision", "--data", str(tiny_folder),
-                               "--batch-size", "4", "--workers", "2", "--steps", "1000", "--log-every", "1")
+                               "--batch-size", "4", "--workers", "2", "--steps", "1000", "--log-every", "1",
+                               "--checkpoint-every", "0")  # the only checkpoint is the signal's
     try:
         wait_for_step(process, log)
         os.killpg(process.pid, signal.SIGTERM)  # the workers get it too
