@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from models.backbones import SMALL_IMAGE_MAX_RES
-from models.optim import OPTIMIZERS
+from optim.factory import OPTIMIZERS
 from pipelines.registry import default_loader
 from pipelines.views import JITTER_MODES
 

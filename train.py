@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from config import ConfigError, TrainConfig, option_flag, parse_config
+from datasets.builtin import resolve_data
+from datasets.imagefolder import scan_image_folder
 from evaluation import Ranks, eval_splits, evaluate_against_baselines, knn_monitor, summary
 from models.backbones import build_backbone
 from models.byol import BYOL
-from models.optim import build_optimizer
-from models.schedules import lr_at, scaled_lr, tau_at, warmup_steps
 from models.step import AUTOCAST_DTYPES, ByolStep
+from optim.factory import build_optimizer
+from optim.schedules import lr_at, scaled_lr, tau_at, warmup_steps
 from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
-from pipelines.builtin import resolve_data
-from pipelines.imagefolder import scan_image_folder
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
 from runtime import preflight

@@ -1,6 +1,6 @@
 """The pipelines a user would pick instead of fastbyol's loaders: the throughput benchmark's baselines.
 
-- `torchvision` is the product's own baseline loader (pipelines/torchvision.py): PIL decode, crop and
+- `torchvision` is the product's own baseline loader (pipelines/torchvision_loader.py): PIL decode, crop and
   flip, then the recipe's photometric ops on float tensors exactly as the formulas are written, with
   a separable blur.
 - `solo-learn` is the same DataLoader, sampler and decode with solo-learn's BYOL transforms: every op
@@ -18,10 +18,10 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
+from datasets.imagefolder import load_index
 from pipelines.base import LoaderConfig
-from pipelines.imagefolder import load_index
 from pipelines.registry import build_loader
-from pipelines.torchvision import TorchvisionTwoViewLoader
+from pipelines.torchvision_loader import TorchvisionTwoViewLoader
 from pipelines.views import ViewRecipe, ViewSpec
 
 BASELINES = ("torchvision", "solo-learn")

@@ -34,7 +34,7 @@ class StockFfcvLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-        from pipelines.ffcv import ShardedOrder
+        from pipelines.ffcv_loader import ShardedOrder
         from pipelines.gpu_augment import TwoViewAugment
 
         recipe = cfg.recipe
@@ -71,7 +71,7 @@ class CropsOnly:
     """The decode-once loader stopped at its uint8 crops on the training device (no augmentation)."""
 
     def __init__(self, cfg: LoaderConfig) -> None:
-        from pipelines.ffcv import FfcvTwoViewLoader
+        from pipelines.ffcv_loader import FfcvTwoViewLoader
 
         self.loader = FfcvTwoViewLoader(cfg)
 
@@ -91,7 +91,7 @@ def build_variant(name: str, cfg: LoaderConfig) -> TwoViewLoader:
     if name == "ffcv-once-crops":
         return CropsOnly(cfg)
     if name == "ffcv-once-full":
-        from pipelines.ffcv import FfcvTwoViewLoader
+        from pipelines.ffcv_loader import FfcvTwoViewLoader
 
         return FfcvTwoViewLoader(cfg)
     if name in ("ffcv-stock-crops", "ffcv-stock-full"):

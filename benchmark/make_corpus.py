@@ -9,7 +9,7 @@ source's width, downscaled, which keeps the detail per pixel close to a camera p
 Caveat: wallpapers are still cleaner than ImageNet's photos, so the files average about half of
 ImageNet's ~110 KB (the script prints the mean); pixel count, the main decode cost, matches.
 
-    python -m benchmark.make_corpus --out data/corpus --images 2000 --classes 10 [--with-bad-files]
+    python -m benchmark.make_corpus --out data/corpus --images 2000 --classes 10
 """
 
 from __future__ import annotations
@@ -35,11 +35,6 @@ NOT_PHOTOS = ("Stripes", "Arc-Colors", "Ubuntu-Mate", "Float-into", "Flow", "Gul
 
 # mate ships some photos again at other sizes (Elephants_3840x2160.jpg): one copy is enough.
 SAME_PHOTO_RESIZED = re.compile(r"_\d+x\d+\.")
-
-# Unusual files that decode fine and must be kept by every loader, and files that must be skipped.
-ODD_BUT_VALID = ("grayscale.JPEG", "cmyk.JPEG", "png_named.JPEG", "progressive.JPEG")
-UNREADABLE = ("zero_byte.JPEG", "truncated.JPEG", "not_an_image.JPEG")
-
 
 def find_photos(dirs: tuple[str, ...] = PHOTO_DIRS) -> list[Path]:
     photos = sorted(
@@ -96,25 +91,12 @@ def _jpeg_bytes(img: Image.Image, quality: int, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def write_bad_files(class_dir: Path, sample: Image.Image) -> None:
-    """Add the odd-but-valid and unreadable files the reliability tests expect."""
-    sample.convert("L").save(class_dir / "grayscale.JPEG", format="JPEG", quality=90)
-    sample.convert("CMYK").save(class_dir / "cmyk.JPEG", format="JPEG", quality=90)
-    sample.save(class_dir / "png_named.JPEG", format="PNG")
-    sample.save(class_dir / "progressive.JPEG", format="JPEG", quality=90, progressive=True)
-    (class_dir / "zero_byte.JPEG").write_bytes(b"")
-    good = _jpeg_bytes(sample, 90)
-    (class_dir / "truncated.JPEG").write_bytes(good[: len(good) // 3])
-    (class_dir / "not_an_image.JPEG").write_text("this is a text file with an image name\n")
-
-
 def make_corpus(
     out: str | os.PathLike,
     images: int = 2000,
     classes: int = 10,
     mean_size: tuple[int, int] = (400, 350),
     quality: tuple[int, int] = (85, 96),
-    with_bad_files: bool = False,
     seed: int = 0,
 ) -> Path:
     """Write out/<class>/<n>.JPEG atomically (a temp folder renamed into place) and return out."""
@@ -132,8 +114,6 @@ def make_corpus(
             img = _random_photo(sources, rng, mean_size)
             q = int(rng.integers(quality[0], quality[1] + 1))
             (tmp / f"class_{i % classes:03d}" / f"img_{i:07d}.JPEG").write_bytes(_jpeg_bytes(img, q))
-        if with_bad_files:
-            write_bad_files(tmp / "class_000", _random_photo(sources, rng, mean_size))
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +125,7 @@ def make_corpus(
 # GPU box) runs the suite on copies made elsewhere: --test-corpora DIR, then FASTBYOL_TEST_CORPORA=DIR.
 TEST_CORPORA = {
     "clean": dict(images=64, classes=4, seed=1),
-    "dirty": dict(images=32, classes=4, with_bad_files=True, seed=2),
+    "dirty": dict(images=32, classes=4, seed=2),  # tests/bad_files.py adds the bad files to a copy
 }
 TEST_CORPORA_ENV = "FASTBYOL_TEST_CORPORA"
 
@@ -160,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--width", type=int, default=400, help="mean image width")
     parser.add_argument("--height", type=int, default=350, help="mean image height")
-    parser.add_argument("--with-bad-files", action="store_true",
-                        help="add grayscale/CMYK/PNG-named/progressive files and unreadable ones to class_000")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.test_corpora:
@@ -174,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--images and --classes must be positive")
     try:
         out = make_corpus(args.out, args.images, args.classes, (args.width, args.height),
-                          with_bad_files=args.with_bad_files, seed=args.seed)
+                          seed=args.seed)
     except FileExistsError as err:
         print(f"make_corpus: {err}", file=sys.stderr)
         return 2

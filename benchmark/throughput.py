@@ -100,12 +100,12 @@ from benchmark.timing import (
     warm_os_cache,
 )
 from config import TrainConfig
+from datasets.ffcv_convert import DEFAULT_JPEG_QUALITY
+from datasets.imagefolder import load_index
 from models.backbones import DEFAULT_WIDTH
-from models.schedules import scaled_lr
 from models.step import ByolStep
+from optim.schedules import scaled_lr
 from pipelines.base import Batch, LoaderConfig, LoaderUnavailable, TwoViewLoader
-from pipelines.ffcv_convert import DEFAULT_JPEG_QUALITY
-from pipelines.imagefolder import load_index
 from pipelines.registry import LOADER_MODULES, build_loader, is_available
 from pipelines.views import BYOL_VIEWS
 from runtime.backends import configure_backends
@@ -171,7 +171,7 @@ class Bench:
     # count to its worker count at every epoch, so any other pairing would not hold.
     workers: int
     corpus: str
-    paths: list[str]  # the corpus images every loader reads (pipelines.imagefolder's sample list)
+    paths: list[str]  # the corpus images every loader reads (datasets.imagefolder's sample list)
     beton: str | None
     quick: bool
 
@@ -378,7 +378,7 @@ def prepare_corpus(corpus: str | None, cache: Path, images: int) -> str:
 def prepare_beton(corpus: str, cache: Path, workers: int) -> str:
     """The corpus as a .beton in the cache, converted once; the name hashes the corpus path and its
     mtime, so a rebuilt corpus gets a fresh file."""
-    from pipelines.ffcv_convert import main as ffcv_convert
+    from datasets.ffcv_convert import main as ffcv_convert
 
     root = Path(corpus).resolve()
     key = hashlib.sha1(f"{root}:{root.stat().st_mtime_ns}".encode()).hexdigest()[:10]

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from datasets.imagefolder import sniff_format
 from evaluation import ArraySet, eval_splits, evaluate_encoder, linear_probe, pixel_features
 from models.backbones import ARCHS, DEFAULT_WIDTH, SMALL_IMAGE_MAX_RES, build_backbone
-from pipelines.imagefolder import sniff_format
 
 # A zip file's end-of-directory record lies within its last 64 KiB (22 bytes plus a comment of < 64 KiB).
 ZIP_TAIL_BYTES = 65558

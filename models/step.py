@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from models.byol import BYOL, ema_update_
-from models.lars import set_lr
+from optim.lars import set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

@@ -15,7 +15,7 @@ into ONE 3x4 matrix applied in a single pass. The official HSV saturation (x -> 
 pixel's max channel) is not affine: in "official" mode the chain is split at it per sample, into
 one matrix for the ops drawn before it, the HSV op, and one matrix for those after it (one more
 pass over the image: about a third more time for this module on 2 CPU cores at 224 px).
-The DALI loader builds the same maps (pipelines/dali.py). Where they depart from the formulas
+The DALI loader builds the same maps (pipelines/dali_loader.py). Where they depart from the formulas
 (tests/test_jitter_fidelity.py measures both, on a real photo):
 - Clipping to [0, 1] once at the end of each fused segment (official mode also clips before the HSV
   op, which needs [0, 1] input), not after every op: an op pushing pixels out of range and a later

@@ -7,10 +7,10 @@ import importlib
 from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader, keep_torch_threads
 
 LOADER_MODULES = {
-    "dali": "pipelines.dali",
-    "ffcv": "pipelines.ffcv",
-    "torchvision": "pipelines.torchvision",
-    "synthetic": "pipelines.synthetic",
+    "dali": "pipelines.dali_loader",
+    "ffcv": "pipelines.ffcv_loader",
+    "torchvision": "pipelines.torchvision_loader",
+    "synthetic": "pipelines.synthetic_loader",
 }
 INSTALL_HINTS = {
     "dali": "pip install -e '.[dali-cu13]' (CUDA 13 torch) or '.[dali]' (CUDA 12 torch); scripts/setup.sh picks",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from bad_files import write_bad_files
+from PIL import Image
 
 from benchmark.make_corpus import TEST_CORPORA, TEST_CORPORA_ENV, make_corpus
 
@@ -29,8 +32,13 @@ def photo_corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def dirty_corpus(tmp_path_factory) -> str:
     """32 real-photo JPEGs in 4 classes plus, in class_000, odd-but-valid and unreadable files
-    (see benchmark.make_corpus.ODD_BUT_VALID / UNREADABLE)."""
-    return _test_corpus("dirty", tmp_path_factory)
+    (tests/bad_files.py: ODD_BUT_VALID / UNREADABLE)."""
+    root = tmp_path_factory.mktemp("dirty") / "images"
+    shutil.copytree(_test_corpus("dirty", tmp_path_factory), root)
+    first = min((root / "class_000").glob("img_*.JPEG"))
+    with Image.open(first) as sample:
+        write_bad_files(root / "class_000", sample.convert("RGB"))
+    return str(root)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,6 @@
 """The behaviour every ImageFolder two-view loader must show, as a test base class.
 
-A loader's test file subclasses `LoaderContract` and sets `module` (e.g. "pipelines.dali"); pytest
+A loader's test file subclasses `LoaderContract` and sets `module` (e.g. "pipelines.dali_loader"); pytest
 then runs every check below against that loader. Checks use independent references: the recipe's
 mean/std for value ranges, tests/view_stats.py for per-view probabilities, and images whose content
 identifies them (flat grey levels) for labels and epoch coverage.
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bad_files import ODD_BUT_VALID, UNREADABLE
 from PIL import Image
 from view_stats import OPS, assert_rate, controlled_image, detect, expected_rate, isolate, to_unit
 
-from benchmark.make_corpus import ODD_BUT_VALID, UNREADABLE
 from pipelines.base import LoaderConfig
 from pipelines.views import BYOL_VIEWS, ViewRecipe
 

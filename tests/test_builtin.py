@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipelines.builtin as builtin
-from pipelines.builtin import MANIFEST, class_folder_names, parse_builtin, resolve_data
-from pipelines.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from pipelines.imagefolder import scan_image_folder
+import datasets.builtin as builtin
+from datasets.builtin import MANIFEST, class_folder_names, parse_builtin, resolve_data
+from datasets.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from datasets.imagefolder import scan_image_folder
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST files not installed")
 COUNTS = {"train": 60, "test": 20}
@@ -141,7 +141,7 @@ def test_default_source_gets_the_readable_cache_name(tmp_path, small_idx) -> Non
 @pytest.mark.timeout(180)
 def test_ffcv_gets_a_readable_beton(small_idx, tmp_path) -> None:
     pytest.importorskip("ffcv")
-    from pipelines.ffcv import read_beton
+    from pipelines.ffcv_loader import read_beton
 
     path = resolve_data("ffcv", f"fashion-mnist:{small_idx}", "test", root=tmp_path)
     assert path.endswith("test.beton")

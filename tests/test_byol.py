@@ -11,8 +11,8 @@ import torchvision
 
 from models.backbones import build_backbone
 from models.byol import BYOL, byol_loss, ema_update_
-from models.optim import build_optimizer
-from models.schedules import lr_at, scaled_lr, tau_at, warmup_steps
+from optim.factory import build_optimizer
+from optim.schedules import lr_at, scaled_lr, tau_at, warmup_steps
 
 
 def tiny_encoder() -> tuple[nn.Module, int]:

@@ -10,7 +10,7 @@ import torch
 import torchvision.models as tvm
 
 from models.backbones import build_backbone
-from models.optim import build_optimizer
+from optim.factory import build_optimizer
 from runtime.checkpoint import (
     CheckpointDir,
     CorruptCheckpoint,

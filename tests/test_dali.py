@@ -11,11 +11,11 @@ from pipelines.views import BYOL_VIEWS
 
 pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
 
-from pipelines.dali import DaliLoaderError, build_loader  # noqa: E402
+from pipelines.dali_loader import DaliLoaderError, build_loader  # noqa: E402
 
 
 class TestDaliLoader(LoaderContract):
-    module = "pipelines.dali"
+    module = "pipelines.dali_loader"
 
 
 @pytest.mark.timeout(60)
@@ -34,7 +34,7 @@ def test_unsupported_dtype_is_a_clear_error(photo_corpus):
 
 @pytest.mark.timeout(60)
 def test_pipeline_errors_are_wrapped(photo_corpus, monkeypatch):
-    import pipelines.dali as dali
+    import pipelines.dali_loader as dali
 
     def broken(*args, **kwargs):
         raise RuntimeError("Critical error in pipeline:\nencountered:\nsomething inside DALI broke\n")

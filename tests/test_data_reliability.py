@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datasets.imagefolder import load_index, open_rgb, scan_image_folder
 from pipelines.base import LoaderConfig
-from pipelines.imagefolder import load_index, open_rgb, scan_image_folder
 from pipelines.views import BYOL_VIEWS
 
 RES = 16
@@ -67,7 +67,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("workers", [0, 1])
 def test_torchvision_skips_files_that_vanish_or_break_after_the_scan(tmp_path, caplog, workers):
-    from pipelines.torchvision import build_loader
+    from pipelines.torchvision_loader import build_loader
 
     paths = _folder(tmp_path)
     broken = tmp_path / "class_1" / "broken.JPEG"
@@ -76,7 +76,7 @@ def test_torchvision_skips_files_that_vanish_or_break_after_the_scan(tmp_path, c
                                        recipe=BYOL_VIEWS.with_overrides(res=RES)))
     assert len(loader.index.samples) == 7  # the scan cannot see either problem
     paths[2].unlink()
-    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="datasets.imagefolder"):
         seen = sum(labels.numel() for _, _, labels in loader)
     assert seen == 5
     assert sorted(path for path, _ in loader.skipped) == sorted([str(paths[2]), str(broken)])
@@ -87,7 +87,7 @@ def test_torchvision_skips_files_that_vanish_or_break_after_the_scan(tmp_path, c
 
 def _dali_loader(root: Path, **overrides):
     pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
-    from pipelines.dali import build_loader
+    from pipelines.dali_loader import build_loader
 
     return build_loader(LoaderConfig(str(root), batch_size=4, workers=1, drop_last=False,
                                      recipe=BYOL_VIEWS.with_overrides(res=RES), **overrides))
@@ -102,7 +102,7 @@ def test_dali_drops_files_deleted_after_the_scan_and_goes_on(tmp_path, caplog):
     deleted = paths[41::2]
     for path in deleted:
         path.unlink()
-    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="datasets.imagefolder"):
         batches = [labels.numel() for _, _, labels in loader]
     assert sorted(path for path, _ in loader.skipped) == sorted(map(str, deleted))
     assert len(loader.index.samples) == 80 - len(deleted) and len(batches) == len(loader)
@@ -118,7 +118,7 @@ def test_dali_drops_a_file_that_becomes_undecodable_after_the_scan(tmp_path, cap
     loader = _dali_loader(tmp_path)
     for path in paths[40:]:
         Image.open(path).convert("P").save(path, format="GIF")
-    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="datasets.imagefolder"):
         total = sum(labels.numel() for _, _, labels in loader)
     assert total > 0 and sorted(path for path, _ in loader.skipped) == sorted(map(str, paths[40:]))
     assert "GIF file, which DALI cannot decode" in loader.skipped[0][1]
@@ -133,7 +133,7 @@ def test_dali_drops_a_file_that_becomes_undecodable_after_the_scan(tmp_path, cap
     ("gaussian_blur", "out of memory", r"^DALI failed while loading .*: out of memory$"),
 ])
 def test_dali_failure_without_a_file_to_drop_is_one_clear_error(tmp_path, monkeypatch, operator, failure, expected):
-    import pipelines.dali as dali
+    import pipelines.dali_loader as dali
 
     _folder(tmp_path)
     loader = _dali_loader(tmp_path)
@@ -153,7 +153,7 @@ def test_dali_failure_without_a_file_to_drop_is_one_clear_error(tmp_path, monkey
 def test_dali_drops_files_deleted_before_its_first_batch(tmp_path, caplog):
     """The iterator decodes its first batch while it is made: a failure there is recovered the same way."""
     pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
-    from pipelines.dali import DaliTwoViewLoader
+    from pipelines.dali_loader import DaliTwoViewLoader
 
     paths = _folder(tmp_path, count=12)
     index = scan_image_folder(tmp_path)
@@ -170,7 +170,7 @@ def test_dali_finds_a_corrupt_body_by_decoding_a_small_folder(tmp_path):
     """A PNG cut short but ending in 'IEND' passes the scan's tail check; DALI's decoder fails on it
     without naming it, so the loader decodes the (small) folder with PIL to find it."""
     pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
-    from pipelines.dali import DaliTwoViewLoader
+    from pipelines.dali_loader import DaliTwoViewLoader
 
     paths = _folder(tmp_path, count=12)
     index = scan_image_folder(tmp_path)
@@ -206,7 +206,7 @@ def test_scan_records_the_real_format_from_the_magic_bytes(tmp_path):
 @pytest.mark.timeout(120)
 def test_dali_leaves_out_a_gif_named_jpeg_with_a_warning_and_reads_the_rest(tmp_path, caplog):
     files = _misnamed_folder(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="datasets.imagefolder"):
         loader = _dali_loader(tmp_path)
     assert [path for path, _ in loader.bad_files] == [str(files["GIF"])]
     assert "GIF image named .JPEG: DALI cannot decode GIF" in loader.bad_files[0][1]
@@ -216,7 +216,7 @@ def test_dali_leaves_out_a_gif_named_jpeg_with_a_warning_and_reads_the_rest(tmp_
 
 @pytest.mark.timeout(60)
 def test_torchvision_reads_a_gif_named_jpeg(tmp_path):
-    from pipelines.torchvision import build_loader
+    from pipelines.torchvision_loader import build_loader
 
     _misnamed_folder(tmp_path)
     loader = build_loader(LoaderConfig(str(tmp_path), batch_size=4, workers=0, drop_last=False,
@@ -231,7 +231,7 @@ def test_symlink_loop_is_scanned_once_and_reported(tmp_path, caplog, capsys):
     _folder(tmp_path, count=6)
     os.symlink("..", tmp_path / "class_0" / "loop")  # class_0/loop/class_0/loop/... : 40 levels before ELOOP
     os.symlink(tmp_path / "class_1", tmp_path / "class_0" / "again")
-    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="datasets.imagefolder"):
         index = load_index(tmp_path)
     assert len(index.samples) == 6
     assert [label for _, label in index.samples].count(0) == 3
@@ -326,7 +326,7 @@ def test_evaluation_set_stands_a_grey_image_in_for_a_file_deleted_after_the_scan
     paths = _folder(tmp_path, count=4)
     data = FolderSet(str(tmp_path), workers=0)
     paths[1].unlink()
-    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="datasets.imagefolder"):
         images, labels = next(data.batches(4, RES))
     assert len(images) == len(labels) == 4
     gone = [path for path, _ in data.samples].index(str(paths[1]))
@@ -335,7 +335,7 @@ def test_evaluation_set_stands_a_grey_image_in_for_a_file_deleted_after_the_scan
 
 
 def test_deep_check_lists_a_corrupt_body_the_scan_passes(tmp_path, capsys):
-    from pipelines.imagefolder import main as imagefolder_main
+    from datasets.imagefolder import main as imagefolder_main
 
     _folder(tmp_path, count=3)
     broken = tmp_path / "class_0" / "broken.JPEG"
@@ -376,7 +376,7 @@ def test_open_rgb_min_side_decodes_a_large_jpeg_smaller_but_not_below_it(tmp_pat
     (lambda data: gzip.compress(b"\x00\x00"), "is truncated: 2 bytes"),
 ])
 def test_damaged_fashion_mnist_file_is_one_clear_error(tmp_path, make, message):
-    from pipelines.fashion_mnist import load_fashion_mnist
+    from datasets.fashion_mnist import load_fashion_mnist
 
     images = gzip.compress(np.array([0x0803, 1, 2, 2], ">u4").tobytes() + bytes(4))
     labels = gzip.compress(np.array([0x0801, 1], ">u4").tobytes() + bytes(1))

@@ -21,8 +21,8 @@ import train
 from config import TrainConfig
 from models.backbones import build_backbone
 from models.byol import BYOL
-from models.optim import build_optimizer
 from models.step import ByolStep
+from optim.factory import build_optimizer
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 from runtime.distributed import World, agree, close_world, init_world, launch, wrap_online
 

@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from datasets.fashion_mnist import FASHION_MNIST_DIR
 from evaluation import ArraySet, evaluate_encoder, extract_features, knn_predict, linear_probe, pixel_features
 from evaluation.__main__ import load_encoder, main
 from evaluation.data import eval_splits
 from evaluation.features import prepare
 from models.backbones import build_backbone
-from pipelines.fashion_mnist import FASHION_MNIST_DIR
 from pipelines.views import BYOL_VIEWS
 
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed")

@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from pipelines.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from datasets.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST files not installed")
 

@@ -14,16 +14,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from bad_files import UNREADABLE
 from loader_contract import LoaderContract
 from PIL import Image
 
-from benchmark.make_corpus import UNREADABLE
+from datasets.fashion_mnist import load_fashion_mnist
+from datasets.ffcv_convert import ConversionError, FolderImages, main, new_progress, write_beton
+from datasets.imagefolder import scan_image_folder
 from pipelines.base import LoaderConfig
-from pipelines.fashion_mnist import load_fashion_mnist
-from pipelines.ffcv import FfcvTwoViewLoader, build_loader
-from pipelines.ffcv_convert import ConversionError, FolderImages, main, new_progress, write_beton
 from pipelines.ffcv_decoder import TwoCropDecoder, random_crop
-from pipelines.imagefolder import scan_image_folder
+from pipelines.ffcv_loader import FfcvTwoViewLoader, build_loader
 from pipelines.views import BYOL_VIEWS
 
 pytestmark = pytest.mark.timeout(180)
@@ -361,7 +361,7 @@ def test_not_in_memory_reads_every_sample_once_in_quasi_random_order(dirty_beton
 class FfcvContract(LoaderContract):
     """The loader contract through the FFCV path: each folder is converted once to a .beton."""
 
-    module = "pipelines.ffcv"
+    module = "pipelines.ffcv_loader"
     _betons: dict[str, str] = {}
 
     def prepare(self, folder: str) -> str:

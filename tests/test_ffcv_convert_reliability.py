@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.ffcv_convert import (
+from datasets.ffcv_convert import (
     BETON_HEADER,
     ConversionError,
     FolderImages,
@@ -28,7 +28,7 @@ from pipelines.ffcv_convert import (
     new_progress,
     write_beton,
 )
-from pipelines.imagefolder import scan_image_folder
+from datasets.imagefolder import scan_image_folder
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,14 +44,14 @@ LONG_CONVERSION = ("--src", "fashion-mnist", "--workers", "2")
 
 @dataclass
 class Conversion:
-    """`python -m pipelines.ffcv_convert` in its own session, its stderr lines collected as they come."""
+    """`python -m datasets.ffcv_convert` in its own session, its stderr lines collected as they come."""
 
     process: subprocess.Popen
     lines: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, *args: str) -> Conversion:
-        process = subprocess.Popen([sys.executable, "-m", "pipelines.ffcv_convert", *args], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "datasets.ffcv_convert", *args], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         run = cls(process)
         threading.Thread(target=lambda: run.lines.extend(process.stderr), daemon=True).start()
@@ -195,7 +195,7 @@ def test_files_unreadable_at_write_time_are_skipped_and_counted(photo_corpus, tm
     conversion (a writer worker died on them)."""
     from ffcv.reader import Reader
 
-    import pipelines.ffcv_convert as convert
+    import datasets.ffcv_convert as convert
 
     files = _copy_corpus(photo_corpus, tmp_path / "src")
     corrupt, removed = files[1], files[4]
@@ -227,7 +227,7 @@ def test_dropped_samples_leave_a_beton_the_loader_reads(photo_corpus, tmp_path) 
     from ffcv.fields import RGBImageField
 
     from pipelines.base import LoaderConfig
-    from pipelines.ffcv import build_loader
+    from pipelines.ffcv_loader import build_loader
     from pipelines.views import BYOL_VIEWS
 
     samples = scan_image_folder(photo_corpus).samples[:12]
@@ -291,7 +291,7 @@ def test_very_wide_image_converts(tmp_path, capfd) -> None:
 def test_beton_header_matches_ffcv() -> None:
     from ffcv.types import CURRENT_VERSION, HeaderType
 
-    from pipelines.ffcv_convert import BETON_VERSION
+    from datasets.ffcv_convert import BETON_VERSION
 
     assert HeaderType == BETON_HEADER and BETON_VERSION == CURRENT_VERSION
 

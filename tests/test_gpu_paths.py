@@ -25,7 +25,7 @@ from test_lars import make_grads, make_params, reference_lars_step
 from test_step import fixed_views, make_step
 from test_train_resume import RUN, final_state, tensors
 
-from models.lars import LARS
+from optim.lars import LARS
 from runtime.distributed import RENDEZVOUS_FILE, World, launch
 
 pytestmark = pytest.mark.gpu
@@ -42,7 +42,7 @@ def no_host_sync():
 
 
 class TestDaliMixedLoaderContract(LoaderContract):
-    module = "pipelines.dali"
+    module = "pipelines.dali_loader"
     device = "cuda"
 
 

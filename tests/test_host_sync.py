@@ -12,7 +12,7 @@ from host_sync import HostSyncRecorder, assert_no_host_sync
 from test_step import fixed_views, make_step
 
 from models.byol import ema_update_
-from models.lars import LARS
+from optim.lars import LARS
 from pipelines.base import LoaderConfig
 from pipelines.gpu_augment import TwoViewAugment
 from pipelines.views import BYOL_VIEWS
@@ -88,7 +88,7 @@ def _first_batch_without_sync(loader) -> None:
 @pytest.mark.timeout(120)
 def test_dali_hand_off_has_no_host_sync(photo_corpus) -> None:
     pytest.importorskip("nvidia.dali")
-    from pipelines.dali import build_loader
+    from pipelines.dali_loader import build_loader
 
     _first_batch_without_sync(build_loader(LoaderConfig(photo_corpus, batch_size=4,
                                                         recipe=BYOL_VIEWS.with_overrides(res=32))))
@@ -96,7 +96,7 @@ def test_dali_hand_off_has_no_host_sync(photo_corpus) -> None:
 
 @pytest.mark.timeout(120)
 def test_torchvision_hand_off_has_no_host_sync(photo_corpus) -> None:
-    from pipelines.torchvision import build_loader
+    from pipelines.torchvision_loader import build_loader
 
     _first_batch_without_sync(build_loader(LoaderConfig(photo_corpus, batch_size=4, workers=1,
                                                         recipe=BYOL_VIEWS.with_overrides(res=32))))
@@ -106,8 +106,8 @@ def test_torchvision_hand_off_has_no_host_sync(photo_corpus) -> None:
 @pytest.mark.timeout(300)
 def test_ffcv_hand_off_has_no_host_sync(photo_corpus, tmp_path) -> None:
     pytest.importorskip("ffcv")
-    from pipelines.ffcv import build_loader
-    from pipelines.ffcv_convert import main as convert
+    from datasets.ffcv_convert import main as convert
+    from pipelines.ffcv_loader import build_loader
 
     beton = str(tmp_path / "photos.beton")
     assert convert(["--src", photo_corpus, "--out", beton, "--max-res", "64", "--workers", "2"]) == 0

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+from bad_files import ODD_BUT_VALID, UNREADABLE
 from PIL import Image
 
-from benchmark.make_corpus import ODD_BUT_VALID, UNREADABLE
-from pipelines.imagefolder import check_image_file, load_index, scan_image_folder
+from datasets.imagefolder import check_image_file, load_index, scan_image_folder
 
 
 def _photo(photo_corpus: str) -> bytes:
@@ -89,7 +89,7 @@ def test_folder_of_only_unreadable_files_is_a_clear_error(tmp_path):
 
 
 def test_load_index_logs_one_warning_with_the_paths(dirty_corpus, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipelines.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="datasets.imagefolder"):
         index = load_index(dirty_corpus)
     assert len(caplog.records) == 1
     assert all(path in caplog.records[0].getMessage() for path, _ in index.bad_files)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch_optimizer
 
-from models.lars import LARS, PerParameterLARS, scale_each, set_lr, split_1d_params
+from optim.lars import LARS, PerParameterLARS, scale_each, set_lr
+from optim.param_groups import split_1d_params
 
 
 def reference_lars_step(params, grads, buffers, lr, momentum, weight_decay, eta, adapt):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_byol import tiny_byol
 
-from models.optim import build_optimizer
 from models.step import ByolStep
+from optim.factory import build_optimizer
 
 
 def fixed_views(batch: int = 16, res: int = 8, device: str = "cpu"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from pipelines.torchvision import SeparableGaussianBlur, view_transform
+from pipelines.torchvision_loader import SeparableGaussianBlur, view_transform
 from pipelines.views import BYOL_VIEWS
 
 

@@ -6,4 +6,4 @@ from loader_contract import LoaderContract
 
 
 class TestTorchvisionLoader(LoaderContract):
-    module = "pipelines.torchvision"
+    module = "pipelines.torchvision_loader"

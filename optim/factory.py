@@ -10,7 +10,8 @@ from collections.abc import Iterable
 import torch
 import torch_optimizer
 
-from models.lars import LARS, PerParameterLARS, split_1d_params
+from optim.lars import LARS, PerParameterLARS
+from optim.param_groups import split_1d_params
 
 OPTIMIZERS = ("lars", "lars-loop", "torch-optimizer-lars", "lamb", "sgd")
 
