@@ -12,38 +12,73 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.backbones import SMALL_IMAGE_MAX_RES
+from models.backbones import ARCHS, SMALL_IMAGE_MAX_RES
+from models.step import AUTOCAST_DTYPES
 from optim.factory import OPTIMIZERS
-from pipelines.registry import default_loader
+from pipelines.registry import LOADER_MODULES, default_loader
 from pipelines.views import JITTER_MODES
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass(frozen=True)
+class Bound:
+    """The values an option accepts, and how its error line names them: "--x must be <meaning>, got v"."""
+
+    accepts: Callable[[Any], bool]
+    meaning: str
+
+
+AT_LEAST_1 = Bound(lambda v: v >= 1, "at least 1")
+NOT_NEGATIVE = Bound(lambda v: v >= 0, ">= 0")
+
+# What a --resume may do with an option that differs from the checkpoint's: REFUSED for the options that
+# shape the saved tensors (the networks, the optimizer state: they cannot load), QUIET for where and how
+# fast the run goes and how often it logs; every other change is NOTED in the resume line.
+REFUSED, QUIET, NOTED = "refused", "quiet", "noted"
+
+
+def option(default: Any, help: str, choices: Iterable[str] | None = None, *, bound: Bound | None = None,
+           on_resume: str = NOTED) -> Any:
+    """A TrainConfig field and everything the CLI, the checks and --resume need to know about it.
+
+    Parameters
+    ----------
+    default: the value when neither a flag nor --config gives one; None: filled by `TrainConfig.resolved`.
+    help: the --help text.
+    choices: the accepted values (from the registry that defines them).
+    bound: the accepted range, checked before any process starts (None values are always accepted).
+    on_resume: REFUSED, QUIET or NOTED (above).
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "bound": bound,
+                "on_resume": on_resume}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     loader: str | None = option(None, "data loader (default: ffcv for a .beton, else dali where installed, else "
                                 "torchvision; synthetic makes random views and reads no data)",
-                                ("dali", "ffcv", "torchvision", "synthetic"))
+                                LOADER_MODULES)
     data: str = option("fashion-mnist", "ImageFolder root, .beton file (ffcv), or built-in dataset name")
     gpus: int | None = option(None, "GPUs to train on, one process each (default: all visible GPUs, 0 on a "
-                              "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead")
+                              "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead",
+                              on_resume=QUIET)
     device: str | None = option(None, "shorthand for the hardware: cpu = --gpus 0, cuda = all visible GPUs",
-                                ("cpu", "cuda"))
-    processes: int = option(1, "CPU processes (gloo DDP) when --gpus 0: exercises the distributed path without GPUs")
-    arch: str = option("resnet50", "encoder", ("resnet18", "resnet34", "resnet50"))
+                                ("cpu", "cuda"), on_resume=QUIET)
+    processes: int = option(1, "CPU processes (gloo DDP) when --gpus 0: exercises the distributed path without "
+                            "GPUs", bound=AT_LEAST_1, on_resume=QUIET)
+    arch: str = option("resnet50", "encoder", ARCHS, on_resume=REFUSED)
     small_images: bool | None = option(None, "small-image form: CIFAR-style stem, no view blur and solo-learn's "
-                                       "CIFAR optimiser defaults (default: on when --res <= 64)")
+                                       f"CIFAR optimiser defaults (default: on when --res <= {SMALL_IMAGE_MAX_RES})",
+                                       on_resume=REFUSED)
     width: int = option(64, "backbone width: channels of the stem and first stage, stages 1-2-4-8x it (64 = "
-                        "torchvision's ResNets; e.g. 16 for a quick CPU run)")
+                        "torchvision's ResNets; e.g. 16 for a quick CPU run)", bound=AT_LEAST_1, on_resume=REFUSED)
     blur: bool | None = option(None, "Gaussian blur in the views (default: the recipe's, none for small images)")
     jitter: str = option("official", "colour-jitter formulas: the official BYOL code's (additive brightness, HSV "
                          "saturation) or torchvision's ColorJitter", JITTER_MODES)
@@ -51,40 +86,52 @@ class TrainConfig:
     in_memory: bool = option(True, "ffcv: the .beton fits in RAM (random order, OS page cache); --no-in-memory "
                              "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)")
     min_scale: float | None = option(None, "smallest random-resized-crop area fraction (recipe: 0.08)")
-    batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)")
-    epochs: int = option(100, "training epochs")
-    steps: int | None = option(None, "stop after this many optimizer steps (schedule still spans them)")
+    batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)",
+                             bound=AT_LEAST_1)
+    epochs: int = option(100, "training epochs", bound=AT_LEAST_1)
+    steps: int | None = option(None, "stop after this many optimizer steps (schedule still spans them)",
+                               bound=AT_LEAST_1)
     optimizer: str = option("lars", "optimizer (lars-loop: the fused lars's formula one parameter at a time, "
-                            "the reference; torch-optimizer-lars: the LARC formula)", OPTIMIZERS)
+                            "the reference; torch-optimizer-lars: the LARC formula)", OPTIMIZERS, on_resume=REFUSED)
     base_lr: float | None = option(None, "lr per 256 images (recipe: 0.2 @1000 ep, 0.3 @300, 0.45 @<=100; "
-                                   "small images: 1.0)")
-    weight_decay: float | None = option(None, "weight decay (recipe: 1.5e-6 @1000 ep, else 1e-6; small images: 1e-5)")
-    momentum: float = option(0.9, "LARS momentum")
-    eta: float | None = option(None, "LARS trust coefficient (recipe: 1e-3; small images: 0.02)")
-    warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, at most a tenth of the run")
+                                   "small images: 1.0)", bound=Bound(lambda v: v > 0, "above 0"))
+    weight_decay: float | None = option(None, "weight decay (recipe: 1.5e-6 @1000 ep, else 1e-6; small images: "
+                                        "1e-5)", bound=Bound(lambda v: v >= 0, "0 or more"))
+    momentum: float = option(0.9, "LARS momentum", bound=Bound(lambda v: 0 <= v < 1, "in [0, 1)"))
+    eta: float | None = option(None, "LARS trust coefficient (recipe: 1e-3; small images: 0.02)",
+                               bound=Bound(lambda v: v > 0, "above 0"))
+    warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, at most a tenth of the run",
+                                  bound=NOT_NEGATIVE)
     tau_base: float | None = option(None, "target EMA base (recipe: 0.996 @1000 ep, 0.99 @100-300, 0.97 @<=40; "
-                                    "small images: 0.99)")
-    hidden_dim: int = option(4096, "projector/predictor hidden width")
-    proj_dim: int = option(256, "projection size")
+                                    "small images: 0.99)",
+                                    bound=Bound(lambda v: 0 <= v <= 1, "in [0, 1] (the target's EMA weight on its own "
+                                                "past)"))
+    hidden_dim: int = option(4096, "projector/predictor hidden width", bound=AT_LEAST_1, on_resume=REFUSED)
+    proj_dim: int = option(256, "projection size", bound=AT_LEAST_1, on_resume=REFUSED)
     bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views")
     sync_bn: bool = option(True, "cross-replica BatchNorm over all processes in online and target networks")
     precision: str = option("bf16", "autocast precision (a CPU without native bf16 runs fp32)",
-                            ("bf16", "fp16", "fp32"))
+                            AUTOCAST_DTYPES)
     compile: bool | None = option(None, "torch.compile the step (default: on with GPUs; off on CPU, where "
-                                  "compiling takes minutes on a few cores)")
+                                  "compiling takes minutes on a few cores)", on_resume=QUIET)
     workers: int | None = option(None, "loader worker threads/processes per training process (default: this "
-                                 "machine's usable cores divided among its training processes)")
+                                 "machine's usable cores divided among its training processes)", bound=NOT_NEGATIVE,
+                                 on_resume=QUIET)
     seed: int = option(0, "random seed")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible resume; slower)")
-    log_every: int = option(10, "read metrics from the device every N steps")
-    out: str = option("runs/byol", "output folder: checkpoints/, metrics.csv/.jsonl, metrics.png, backbone.pt")
-    resume: bool = option(False, "continue from the newest valid checkpoint in --out (starts fresh if there is none)")
-    eval_every: int = option(0, "kNN monitor every N epochs and kNN + linear probe at the end (0: off)")
+    log_every: int = option(10, "read metrics from the device every N steps", bound=AT_LEAST_1, on_resume=QUIET)
+    out: str = option("runs/byol", "output folder: checkpoints/, metrics.csv/.jsonl, metrics.png, backbone.pt",
+                      on_resume=QUIET)
+    resume: bool = option(False, "continue from the newest valid checkpoint in --out (starts fresh if there is "
+                          "none)", on_resume=QUIET)
+    eval_every: int = option(0, "kNN monitor every N epochs and kNN + linear probe at the end (0: off)",
+                             bound=NOT_NEGATIVE)
     val_data: str | None = option(None, "labelled ImageFolder the evaluation reports on when --data is a folder")
-    eval_limit: int | None = option(None, "evaluate on at most N evenly spaced train and N test images (CPU runs)")
-    checkpoint_every: int = option(1, "save a checkpoint every N epochs (0: off)")
-    checkpoint_minutes: float = option(30.0, "also save every M minutes of training (0: off)")
-    keep_checkpoints: int = option(3, "keep the newest K checkpoints")
+    eval_limit: int | None = option(None, "evaluate on at most N evenly spaced train and N test images (CPU runs)",
+                                    bound=AT_LEAST_1)
+    checkpoint_every: int = option(1, "save a checkpoint every N epochs (0: off)", bound=NOT_NEGATIVE)
+    checkpoint_minutes: float = option(30.0, "also save every M minutes of training (0: off)", bound=NOT_NEGATIVE)
+    keep_checkpoints: int = option(3, "keep the newest K checkpoints", bound=AT_LEAST_1)
 
     def resolved(self) -> TrainConfig:
         """Fill the None options with the recipe's values for this run length and image size."""
@@ -116,6 +163,11 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """A bad --config file or value; the message is one line that says what to do."""
+
+
+def options_on_resume(rule: str) -> list[str]:
+    """The options whose change --resume treats by `rule` (REFUSED, QUIET or NOTED), in field order."""
+    return [f.name for f in fields(TrainConfig) if f.metadata["on_resume"] == rule]
 
 
 def option_flag(name: str) -> str:

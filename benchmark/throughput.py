@@ -78,9 +78,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-# `python benchmark/throughput.py` puts benchmark/ first on sys.path; the project root is needed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from PIL import Image
 
@@ -102,18 +99,20 @@ from benchmark.timing import (
 from config import TrainConfig
 from datasets.ffcv_convert import DEFAULT_JPEG_QUALITY
 from datasets.imagefolder import load_index
-from models.backbones import DEFAULT_WIDTH
-from models.step import ByolStep
+from models.backbones import ARCHS, DEFAULT_WIDTH
+from models.step import ByolStep, step_precision, view_dtype
+from optim.factory import OPTIMIZERS
 from optim.schedules import scaled_lr
 from pipelines.base import Batch, LoaderConfig, LoaderUnavailable, TwoViewLoader
 from pipelines.registry import LOADER_MODULES, build_loader, is_available
 from pipelines.views import BYOL_VIEWS
+from runtime.assembly import build_model, build_step
 from runtime.backends import configure_backends
-from train import build_model, build_step, step_precision, view_dtype
 
 SECTIONS = ("decode", "loader", "step", "end_to_end", "ffcv_variants")
 COMPILE_MODES = ("eager", "compiled")
-OPTIMIZERS = ("lars", "lars-loop", "torch-optimizer-lars")
+# The LARS implementations side by side: the fused one, its per-tensor reference, torch-optimizer's.
+LARS_OPTIMIZERS = tuple(name for name in OPTIMIZERS if "lars" in name)
 SCHEMA_VERSION = 2
 # The synthetic loader replays views made once on the device: the step section's feeder, not a loader.
 FEEDER = "synthetic"
@@ -183,11 +182,11 @@ class Bench:
 
     @property
     def precision(self) -> str:
-        return step_precision(self.train_config, self.device)
+        return step_precision(self.train_config.precision, self.device)
 
     @property
     def dtype(self) -> torch.dtype:
-        return view_dtype(self.train_config, self.device)
+        return view_dtype(self.train_config.precision, self.device)
 
     def loader_config(self, name: str) -> LoaderConfig:
         reads_beton = name == "ffcv" or name in VARIANTS
@@ -401,7 +400,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="size of the corpus built when --corpus is not given")
     parser.add_argument("--res", type=int)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"))
+    parser.add_argument("--arch", choices=list(ARCHS))
     parser.add_argument("--width", type=int, help=f"backbone width (default {DEFAULT_WIDTH}, torchvision's)")
     parser.add_argument("--hidden-dim", type=int, help="projector/predictor hidden width")
     parser.add_argument("--repeats", type=int, help="timed runs per figure (median reported)")
@@ -412,7 +411,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-seconds", type=float, help="seconds per step and end-to-end run, at least")
     parser.add_argument("--step-warmup", type=int, help="untimed steps (compilation happens here)")
     parser.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES)
-    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", choices=LARS_OPTIMIZERS, default=list(LARS_OPTIMIZERS))
     parser.add_argument("--cores", type=int, help="pin the run and its workers to this many cores (default: all)")
     parser.add_argument("--cache", type=Path, default=REPO / "data" / "bench", help="corpus and .beton cache")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: "

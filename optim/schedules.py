@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
@@ -32,3 +33,21 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> flo
 def tau_at(step: int, total_steps: int, tau_base: float) -> float:
     """tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2: tau_base at k = 0, 1 at k = K."""
     return 1 - (1 - tau_base) * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1) / 2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One run's schedules: `total_steps` optimizer steps of `steps_per_epoch` each epoch, lr warming up
+    over `warmup_steps` to `peak_lr` then annealing to 0, and tau rising from `tau_base` to 1."""
+
+    total_steps: int
+    steps_per_epoch: int
+    peak_lr: float
+    warmup_steps: int
+    tau_base: float
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
+
+    def tau(self, step: int) -> float:
+        return tau_at(step, self.total_steps, self.tau_base)

@@ -17,11 +17,14 @@ import random
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from runtime.distributed import World, gather_to_main
 
 MAGIC = b"FBYOLCK1"
 DIGEST_BYTES = 32
@@ -203,3 +206,60 @@ def restore_training_state(state: dict[str, Any], byol: torch.nn.Module, optimiz
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: the run stops without saving that state."""
+
+
+def run_checkpoints(out: Path, keep: int) -> CheckpointDir:
+    """A run's checkpoint folder: OUT/checkpoints, keeping the newest `keep`."""
+    return CheckpointDir(Path(out) / "checkpoints", keep)
+
+
+class RunCheckpointer:
+    """Saves a training run into its CheckpointDir on the run's cadence and keeps its training clock.
+
+    Every rank calls `save` at the same step (the RNG states are gathered to rank 0, which writes).
+
+    Parameters
+    ----------
+    folder: where the checkpoints go (`run_checkpoints`).
+    world: this process's place in the run (`runtime.distributed.World`).
+    byol, optimizer, scaler: what is saved (`training_state`); scaler is None unless fp16.
+    steps_per_epoch: the loader's epoch length, saved so a resume can tell when it changed.
+    config: the run's options as a dict (`TrainConfig.to_dict()`), saved for resume's compatibility check.
+    every_epochs: save at the end of every N-th epoch (0: never on epochs).
+    every_minutes: save when this many minutes of training passed since the last save (0: never on time).
+    elapsed_before: training seconds of the run before this process (a resume's), so elapsed time carries on.
+    """
+
+    def __init__(self, folder: CheckpointDir, world: World, byol: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, steps_per_epoch: int, config: dict[str, Any],
+                 every_epochs: int, every_minutes: float, elapsed_before: float = 0.0) -> None:
+        self.folder, self.world, self.byol, self.optimizer, self.scaler = folder, world, byol, optimizer, scaler
+        self.steps_per_epoch, self.config = steps_per_epoch, config
+        self.every_epochs, self.every_minutes = every_epochs, every_minutes
+        self.last_save = time.monotonic()
+        self.started = self.last_save - elapsed_before
+
+    def elapsed_s(self) -> float:
+        """Training wall time of the whole run, over resumes."""
+        return time.monotonic() - self.started
+
+    def time_due(self) -> bool:
+        return self.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.every_minutes
+
+    def epoch_due(self, epoch: int) -> bool:
+        """Whether the end of `epoch` (0-based) is a checkpoint point."""
+        return self.every_epochs > 0 and (epoch + 1) % self.every_epochs == 0
+
+    def save(self, step: int) -> None:
+        # The loss read at a log point comes from before the step's update: check the weights too.
+        if not torch.isfinite(torch.stack(torch._foreach_norm(list(self.byol.parameters())))).all():
+            raise Diverged(f"the weights became non-finite at step {step}: stopped without saving them")
+        rng = gather_to_main(self.world, rng_state())
+        if self.world.is_main:
+            self.folder.save(step, training_state(self.byol, self.optimizer, self.scaler, step, self.steps_per_epoch,
+                                                  rng, self.config, elapsed_s=self.elapsed_s()))
+        self.last_save = time.monotonic()

@@ -9,6 +9,7 @@ a fresh inode while the first still holds the old one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -18,6 +19,13 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+from runtime.checkpoint import run_checkpoints, sweep_stale_temp_files
+from runtime.distributed import is_launching_process
+
+if TYPE_CHECKING:
+    from config import TrainConfig
 
 LOCK_NAME = ".fastbyol.lock"
 # A file system that cannot lock (some FUSE and old NFS mounts) answers flock with one of these.
@@ -83,3 +91,31 @@ class OutLock:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None
+
+
+def claim_out(cfg: TrainConfig) -> contextlib.ExitStack:
+    """Create --out and check it is writable; in the launching process (rank 0 under torchrun) also lock it for
+    this run, clear what dead writers left in it, and refuse its checkpoints unless --resume. The returned
+    stack holds the lock: keep it open for the run."""
+    out = Path(cfg.out)
+    prepare_out(out)
+    checkpoints = run_checkpoints(out, cfg.keep_checkpoints)
+    held = contextlib.ExitStack()
+    try:
+        if is_launching_process():
+            held.enter_context(OutLock(out))
+            _report_swept(sweep_stale_temp_files(out) + checkpoints.sweep_stale_temp_files())
+        # Checked once this run holds --out: before that, the checkpoints may be a live run's.
+        if not cfg.resume and checkpoints.paths():
+            raise ValueError(f"--out {cfg.out} already holds checkpoints: pass --resume to continue that run, "
+                             "or choose another --out")
+    except BaseException:
+        held.close()
+        raise
+    return held
+
+
+def _report_swept(paths: list[Path]) -> None:
+    if paths:
+        print(f"note: removed {len(paths)} unfinished file write(s) of stopped processes: "
+              + ", ".join(str(p) for p in paths))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,12 +12,7 @@ from config import TrainConfig, option_flag, option_type
 from datasets.builtin import FASHION_MNIST, parse_builtin
 from pipelines.registry import INSTALL_HINTS, is_available
 from pipelines.views import BYOL_VIEWS
-from runtime.checkpoint import CheckpointDir
-from runtime.distributed import planned_processes, under_launcher, visible_gpus
-
-
-def checkpoint_dir(cfg: TrainConfig) -> CheckpointDir:
-    return CheckpointDir(Path(cfg.out) / "checkpoints", cfg.keep_checkpoints)
+from runtime.distributed import local_processes, planned_processes, under_launcher, visible_gpus
 
 
 def _require(ok: bool, message: str) -> None:
@@ -24,39 +20,22 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-# The float options' meaningful ranges (checked after `TrainConfig.resolved` filled them); the counts and
-# times that only need >= 0 are checked with the ints in `check`.
-FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "base_lr": (lambda v: v > 0, "above 0"),
-    "weight_decay": (lambda v: v >= 0, "0 or more"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "eta": (lambda v: v > 0, "above 0"),
-    "tau_base": (lambda v: 0 <= v <= 1, "in [0, 1] (the target's EMA weight on its own past)"),
-}
-
-
-def check_floats(cfg: TrainConfig) -> None:
-    """NaN, inf and out-of-range floats would only show up steps later, as a NaN loss or a silent no-op."""
+def check_values(cfg: TrainConfig) -> None:
+    """Every option's own range (its `bound`), after `TrainConfig.resolved` filled the None options. NaN,
+    inf and out-of-range values would only show up steps later, as a NaN loss or a silent no-op."""
     for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
+        value, flag = getattr(cfg, f.name), option_flag(f.name)
         if option_type(f.name) is float and value is not None:
-            _require(math.isfinite(value), f"{option_flag(f.name)} must be a finite number, got {value}")
-    for name, (inside, meaning) in FLOAT_RANGES.items():
-        _require(inside(getattr(cfg, name)), f"{option_flag(name)} must be {meaning}, got {getattr(cfg, name)}")
+            _require(math.isfinite(value), f"{flag} must be a finite number, got {value}")
+        bound = f.metadata["bound"]
+        if bound is not None and value is not None:
+            _require(bound.accepts(value), f"{flag} must be {bound.meaning}, got {value}")
 
 
 def check(cfg: TrainConfig) -> int:
     """Raise ValueError (message = the one line to print) on bad input; return the world size."""
-    check_floats(cfg)
+    check_values(cfg)
     BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale)
-    for name in ("batch_size", "epochs", "log_every", "keep_checkpoints", "processes", "hidden_dim", "proj_dim",
-                 "width"):
-        _require(getattr(cfg, name) >= 1, f"{option_flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("checkpoint_every", "checkpoint_minutes", "eval_every", "workers", "warmup_epochs"):
-        _require(getattr(cfg, name) >= 0, f"{option_flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("steps", "eval_limit"):
-        value = getattr(cfg, name)
-        _require(value is None or value >= 1, f"{option_flag(name)} must be at least 1, got {value}")
 
     if not under_launcher():
         _require(cfg.device != "cuda" or visible_gpus() > 0,
@@ -96,8 +75,13 @@ def check(cfg: TrainConfig) -> int:
     return world_size
 
 
-def check_out_contents(cfg: TrainConfig) -> None:
-    """Checked once this run holds --out: before that, the checkpoints may be a live run's (see OutLock)."""
-    _require(cfg.resume or not checkpoint_dir(cfg).paths(),
-             f"--out {cfg.out} already holds checkpoints: pass --resume to continue that run, "
-             "or choose another --out")
+def warn(cfg: TrainConfig, world_size: int) -> None:
+    """Print a warning line for each option that runs, but not as the user likely meant."""
+    if cfg.loader == "synthetic" and cfg.data != TrainConfig.data:
+        print(f"train.py: warning: --loader synthetic makes random views on the device and ignores --data "
+              f"{cfg.data}; name a real --loader to train on it", file=sys.stderr)
+    cores, processes = len(os.sched_getaffinity(0)), local_processes(world_size)
+    if cfg.loader != "synthetic" and cfg.workers * processes > cores:
+        print(f"train.py: warning: --workers {cfg.workers} x {processes} training process(es) is more than this "
+              f"machine's {cores} usable cores; loader and training step will share them (lower --workers)",
+              file=sys.stderr)

@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import train
 from config import TrainConfig
 from models.backbones import build_backbone
 from models.byol import BYOL
 from models.step import ByolStep
 from optim.factory import build_optimizer
+from runtime.assembly import build_model, make_loader
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 from runtime.distributed import World, agree, close_world, init_world, launch, wrap_online
 
@@ -103,7 +103,7 @@ def test_train_py_runs_two_cpu_processes(tmp_path):
     # Cross-replica BN (--sync-bn is the default) leaves plain-BN state: the checkpoint loads strictly
     # into an unconverted BYOL and the exported backbone into a plain small-stem ResNet-18.
     cfg = TrainConfig(arch="resnet18", res=8, hidden_dim=64, proj_dim=32).resolved()
-    byol = train.build_model(cfg, torch.device("cpu"))
+    byol = build_model(cfg, torch.device("cpu"))
     byol.online.load_state_dict(state["online"])
     byol.target.load_state_dict(state["target"])
     # Per-view BN: 2 training-mode calls per step in each network.
@@ -128,7 +128,7 @@ def test_rank_loaders_get_disjoint_shards_of_the_global_batch(one_photo_per_clas
                       seed=5).resolved()
     seen = []
     for rank in range(2):
-        loader = train.make_loader(cfg, World(rank, rank, 2, torch.device("cpu")), cfg.data)
+        loader = make_loader(cfg, World(rank, rank, 2, torch.device("cpu")), cfg.data)
         loader.set_epoch(0)
         labels = [labels for _, _, labels in loader]
         assert len(labels) == len(loader) == 4 and all(len(batch) == 2 for batch in labels)  # 4 global / 2 ranks

@@ -23,7 +23,7 @@ import runtime.preflight
 import train
 from config import TrainConfig
 from runtime.checkpoint import CheckpointDir, load_checkpoint
-from runtime.outdir import OutLock
+from runtime.outdir import OutLock, claim_out
 
 TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--width", "8", "--res", "8",
         "--batch-size", "8", "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
@@ -124,10 +124,10 @@ def test_only_the_launching_process_or_rank_0_takes_the_lock(tmp_path, monkeypat
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", "1")
         monkeypatch.setenv("RANK", "1")
-        train.claim_out(cfg).close()  # a non-zero torchrun rank does not lock
+        claim_out(cfg).close()  # a non-zero torchrun rank does not lock
         monkeypatch.setenv("RANK", "0")
         with pytest.raises(ValueError, match="is in use by another run"):
-            train.claim_out(cfg)
+            claim_out(cfg)
 
 
 def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
@@ -163,7 +163,7 @@ def test_opening_out_removes_dead_writers_temp_files_only(tmp_path):
     exported = tmp_path / f".backbone.pt.tmp-{host}-{pid}"
     for path in (legacy, live, elsewhere, exported):
         path.write_bytes(b"x")
-    train.claim_out(TrainConfig(out=str(tmp_path), resume=True)).close()
+    claim_out(TrainConfig(out=str(tmp_path), resume=True)).close()
     assert sorted(p.name for p in folder.iterdir()) == sorted(["ckpt-000000001.pt", live.name, elsewhere.name])
     assert not killed.exists() and not exported.exists()
 
@@ -306,13 +306,13 @@ def test_ddp_wrap_prints_no_deprecation_warning(tmp_path):
     # wrap_online builds the DDP wrapper. -W error turns any FutureWarning into a failing exit.
     script = f"""
 import torch, torch.distributed as dist
-import train
 from config import TrainConfig
+from runtime.assembly import build_model
 from runtime.distributed import World, wrap_online
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 cfg = TrainConfig(arch="resnet18", width=8, hidden_dim=16, proj_dim=8, res=8).resolved()
 for sync_bn in (True, False):
-    wrap_online(train.build_model(cfg, torch.device("cpu")), World(0, 0, 2, torch.device("cpu")), sync_bn)
+    wrap_online(build_model(cfg, torch.device("cpu")), World(0, 0, 2, torch.device("cpu")), sync_bn)
 """
     result = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", script], capture_output=True,
                             text=True, timeout=TIMEOUT)

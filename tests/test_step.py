@@ -1,4 +1,5 @@
-"""The whole BYOL step: compiled on CPU it learns; compiled and eager agree; no host sync on CUDA."""
+"""The whole BYOL step (models/step.py): compiled on CPU it learns; compiled and eager agree; no host sync on
+CUDA; the precision it runs in on each device."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from test_byol import tiny_byol
 
-from models.step import ByolStep
+import models.step
+from models.step import ByolStep, step_precision, view_dtype
 from optim.factory import build_optimizer
 
 
@@ -67,3 +69,14 @@ def test_cuda_step_has_no_host_sync():
         step(v1, v2, lr=0.1, tau=0.99)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_precision_follows_native_bf16_support(monkeypatch, native_bf16):
+    monkeypatch.setattr(models.step, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    for asked in ("bf16", "fp16", "fp32"):
+        expected = "bf16" if asked == "bf16" and native_bf16 else "fp32"
+        assert step_precision(asked, cpu) == expected
+        assert view_dtype(asked, cpu) == (torch.bfloat16 if expected == "bf16" else torch.float32)
+    assert step_precision("fp16", torch.device("cuda")) == "fp16"

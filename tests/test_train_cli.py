@@ -211,15 +211,3 @@ def test_bad_config_file_gives_one_clear_line(capsys, tmp_path, body, expected):
     path = tmp_path / "bad.toml"
     path.write_text(body)
     assert expected in main_error(capsys, "--config", str(path))
-
-
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_cpu_precision_follows_native_bf16_support(monkeypatch, native_bf16):
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
-    cpu = torch.device("cpu")
-    for asked in ("bf16", "fp16", "fp32"):
-        cfg = TrainConfig(precision=asked)
-        expected = "bf16" if asked == "bf16" and native_bf16 else "fp32"
-        assert train.step_precision(cfg, cpu) == expected
-        assert train.view_dtype(cfg, cpu) == (torch.bfloat16 if expected == "bf16" else torch.float32)
-    assert train.step_precision(TrainConfig(precision="fp16"), torch.device("cuda")) == "fp16"
