@@ -59,8 +59,8 @@ from rich.table import Table
 from benchmark.make_corpus import CORPUS_VERSION, find_photos
 from benchmark.report import write_json
 from benchmark.timing import REPO
-from datasets.fashion_mnist import FASHION_MNIST_DIR
-from datasets.imagefolder import scan_image_folder
+from datasources.fashion_mnist import FASHION_MNIST_DIR
+from datasources.imagefolder import scan_image_folder
 
 SCHEMA_VERSION = 1
 CHECKS = ("environment", "data", "gpu-tests", "throughput", "ffcv-train", "dali-train", "fashion-mnist")
@@ -529,7 +529,7 @@ def check_data(ctx: Context, checks: tuple[str, ...], timeout: float) -> CheckRe
 
 
 def _convert(ctx: Context, log: Path, timeout: float) -> tuple[str | None, Outcome]:
-    """The corpus as a .beton via throughput.py's own prepare_beton (python -m datasets.ffcv_convert
+    """The corpus as a .beton via throughput.py's own prepare_beton (python -m datasources.ffcv_convert
     underneath): the same file name, so the throughput check reuses it instead of converting again."""
     marker = "BETON="
     code = ("import sys; from pathlib import Path; from benchmark.throughput import prepare_beton; "
@@ -872,7 +872,7 @@ def preflight(args: argparse.Namespace, checks: tuple[str, ...]) -> None:
         except (ValueError, OSError) as err:
             raise ArgumentError(f"--corpus {args.corpus}: {err}") from None
     if args.beton is not None and "ffcv-train" in checks and not Path(args.beton).is_file():
-        raise ArgumentError(f"--beton {args.beton}: no such file (make one with python -m datasets.ffcv_convert "
+        raise ArgumentError(f"--beton {args.beton}: no such file (make one with python -m datasources.ffcv_convert "
                             "--src <corpus> --out <file>.beton, or leave --beton out to convert the corpus)")
     needs_photos = args.corpus is None and set(checks) & set(NEEDS_CORPUS)
     if needs_photos and not any(default_corpus(args.cache, MODES[m]).is_dir() for m in MODES) \

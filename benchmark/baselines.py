@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
-from datasets.imagefolder import load_index
+from datasources.imagefolder import load_index
 from pipelines.base import LoaderConfig
 from pipelines.registry import build_loader
 from pipelines.torchvision_loader import TorchvisionTwoViewLoader

@@ -97,8 +97,8 @@ from benchmark.timing import (
     warm_os_cache,
 )
 from config import TrainConfig
-from datasets.ffcv_convert import DEFAULT_JPEG_QUALITY
-from datasets.imagefolder import load_index
+from datasources.ffcv_convert import DEFAULT_JPEG_QUALITY
+from datasources.imagefolder import load_index
 from models.backbones import ARCHS, DEFAULT_WIDTH
 from models.step import ByolStep, step_precision, view_dtype
 from optim.factory import OPTIMIZERS
@@ -170,7 +170,7 @@ class Bench:
     # count to its worker count at every epoch, so any other pairing would not hold.
     workers: int
     corpus: str
-    paths: list[str]  # the corpus images every loader reads (datasets.imagefolder's sample list)
+    paths: list[str]  # the corpus images every loader reads (datasources.imagefolder's sample list)
     beton: str | None
     quick: bool
 
@@ -377,7 +377,7 @@ def prepare_corpus(corpus: str | None, cache: Path, images: int) -> str:
 def prepare_beton(corpus: str, cache: Path, workers: int) -> str:
     """The corpus as a .beton in the cache, converted once; the name hashes the corpus path and its
     mtime, so a rebuilt corpus gets a fresh file."""
-    from datasets.ffcv_convert import main as ffcv_convert
+    from datasources.ffcv_convert import main as ffcv_convert
 
     root = Path(corpus).resolve()
     key = hashlib.sha1(f"{root}:{root.stat().st_mtime_ns}".encode()).hexdigest()[:10]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from datasets.imagefolder import sniff_format
+from datasources.imagefolder import sniff_format
 from evaluation import ArraySet, eval_splits, evaluate_encoder, linear_probe, pixel_features
 from models.backbones import ARCHS, DEFAULT_WIDTH, SMALL_IMAGE_MAX_RES, build_backbone
 

@@ -6,7 +6,7 @@
 Images stay uint8 (N, C, H, W) until they reach the device; features.py resizes and normalizes
 them there, so the sets carry no transform of their own.
 
-Folder sets decode with datasets.imagefolder.open_rgb (the pixels every loader trains on), and a
+Folder sets decode with datasources.imagefolder.open_rgb (the pixels every loader trains on), and a
 validation folder's classes are matched to the training folder's by name: a validation class the
 training folder lacks is refused in one line naming it. A file that fails to load during the run is
 replaced by a mid-grey image (every rank reads the labels from the sample list, so no sample can
@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from datasets.builtin import parse_builtin
-from datasets.fashion_mnist import CLASSES, load_fashion_mnist
-from datasets.imagefolder import SkipLog, Unreadable, announce, load_index, read_rgb
+from datasources.builtin import parse_builtin
+from datasources.fashion_mnist import CLASSES, load_fashion_mnist
+from datasources.imagefolder import SkipLog, Unreadable, announce, load_index, read_rgb
 from runtime.signals import ignore_stop_signals
 
 LabelledBatch = tuple[torch.Tensor, torch.Tensor]

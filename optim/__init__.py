@@ -1,0 +1,1 @@
+"""The optimizers (--optimizer), their parameter-group rule and the lr / tau schedules."""

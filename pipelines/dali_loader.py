@@ -45,7 +45,7 @@ draws and skips the batches it already trained on) sees what an uninterrupted ru
 carried over from the previous epoch would reshuffle and draw on from wherever that left it. `drop_last=True`
 drops each rank's last partial batch; `drop_last=False` returns it partial (LastBatchPolicy.PARTIAL).
 
-Files DALI cannot read: the scan (datasets/imagefolder.py) knows each file's real format from its
+Files DALI cannot read: the scan (datasources/imagefolder.py) knows each file's real format from its
 magic bytes, and files whose format DALI's decoder lacks (GIF, even named .JPEG) are left out with a
 warning naming them, as the unreadable ones are. A file that vanishes or breaks during the run (or
 before the first batch, which the iterator decodes as it is made) fails the whole pipeline: DALI
@@ -57,7 +57,7 @@ batches this epoch already gave (the rest of the epoch is drawn from the new fil
 samples may come twice or not at all in it; with several ranks each drops what it meets, so until
 the others meet it too their shards may overlap by those files). Where no file is found (ImageNet
 size: a corrupt body behind intact markers, which only a full decode finds) the run stops with one
-line that says so and names the ways on: `python -m datasets.imagefolder --deep-check ROOT`
+line that says so and names the ways on: `python -m datasources.imagefolder --deep-check ROOT`
 (decodes every file at 1/8 scale and lists the ones that fail), or `--loader torchvision`, which
 skips such files one by one, naming each. (A full decode check at every start-up would cost
 ImageNet minutes per run; the scan's head/tail check costs two small reads per file.)
@@ -77,7 +77,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from datasets.imagefolder import ImageFolderIndex, SkipLog, Unreadable, find_undecodable, inspect_files, load_index
+from datasources.imagefolder import ImageFolderIndex, SkipLog, Unreadable, find_undecodable, inspect_files, load_index
 from pipelines.base import Batch, LoaderConfig
 from pipelines.gpu_augment import HUE_RADIANS_PER_TURN, ColourBasis
 from pipelines.views import ViewRecipe, ViewSpec
@@ -95,7 +95,7 @@ PREALLOCATE_HEIGHT_HINT = 6430
 # H100: 7); the rest decode with CUDA nvJPEG on the SMs, which the training step needs. 0.65 is
 # DALI's default, tuned on A100; not yet measured on an H100.
 HW_DECODER_LOAD = 0.65
-# Real formats (datasets.imagefolder's names) DALI's image decoder reads; GIF is not one of them.
+# Real formats (datasources.imagefolder's names) DALI's image decoder reads; GIF is not one of them.
 DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM")
 # Up to this many files, a failure the quick checks cannot explain is looked for by decoding every file
 # of the shard (seconds); beyond it (ImageNet: minutes) the run stops and names the deep check instead.
@@ -476,7 +476,7 @@ class DaliTwoViewLoader:
             raise DaliLoaderError(
                 f"DALI failed while loading {self.index.root}: {_reason(err)}; no file of it is missing or fails "
                 f"{checks}: list such files "
-                f"with `python -m datasets.imagefolder --deep-check {self.index.root}` and move them out, or "
+                f"with `python -m datasources.imagefolder --deep-check {self.index.root}` and move them out, or "
                 "train with --loader torchvision, which skips them one by one, naming each") from err
         for path, reason in failed:
             self.runtime_skips.add(Unreadable(path, reason))

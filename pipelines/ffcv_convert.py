@@ -1,4 +1,4 @@
-"""The `.beton` converter lives in datasets/ffcv_convert.py (datasets are written there, loaders read
+"""The `.beton` converter lives in datasources/ffcv_convert.py (datasets are written there, loaders read
 them here). `python -m pipelines.ffcv_convert`, the name earlier releases printed, still converts and
 says the new name."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from datasets.ffcv_convert import main
+from datasources.ffcv_convert import main
 
 if __name__ == "__main__":
-    print("note: the converter is now python -m datasets.ffcv_convert (same options)", file=sys.stderr)
+    print("note: the converter is now python -m datasources.ffcv_convert (same options)", file=sys.stderr)
     sys.exit(main())

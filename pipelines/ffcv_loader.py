@@ -5,7 +5,7 @@ augmentations of both views run batched on the device (pipelines/gpu_augment.py)
 
 Per batch: `TwoCropDecoder` (numba, parallel over samples) -> (B, 2, res, res, 3) uint8 ->
 ToTensor -> ToDevice(non_blocking) -> `TwoViewAugment` -> (view1, view2, labels) per
-pipelines/base.py. Create the .beton with `python -m datasets.ffcv_convert`.
+pipelines/base.py. Create the .beton with `python -m datasources.ffcv_convert`.
 
 Sharding: every rank gets the shard `DistributedSampler(num_replicas=cfg.world_size,
 rank=cfg.rank, seed=cfg.seed)` would give it. FFCV's own `distributed=True` builds that sampler
@@ -41,7 +41,7 @@ from pipelines.ffcv_decoder import TwoCropDecoder
 from pipelines.gpu_augment import TwoViewAugment
 
 ORDERS = ("random", "sequential", "quasi_random")
-CONVERT_HINT = "create one with: python -m datasets.ffcv_convert --src <ImageFolder root> --out <file>.beton"
+CONVERT_HINT = "create one with: python -m datasources.ffcv_convert --src <ImageFolder root> --out <file>.beton"
 
 
 class ShardedOrder(TraversalOrder):

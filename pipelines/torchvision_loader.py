@@ -1,9 +1,9 @@
 """The baseline users would otherwise pick: PIL decode + torchvision.transforms.v2 in DataLoader workers.
 
-Each image is decoded once (datasets.imagefolder.open_rgb: the RGB pixels every loader gets) and both
+Each image is decoded once (datasources.imagefolder.open_rgb: the RGB pixels every loader gets) and both
 views are built from that decode with the per-sample transforms of the recipe; the batch is then moved
 to `cfg.device`, made channels_last and cast to `cfg.dtype` in the main process. Same sample list and
-bad-file policy as every loader (datasets/imagefolder.py). A file that fails to load during the run
+bad-file policy as every loader (datasources/imagefolder.py). A file that fails to load during the run
 (deleted after the scan, a corrupt body behind intact markers) is left out of its batch, which comes
 out one sample short, with a warning naming it; `skipped` lists them.
 
@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
-from datasets.imagefolder import ImageFolderIndex, SkipLog, Unreadable, load_index, read_rgb
+from datasources.imagefolder import ImageFolderIndex, SkipLog, Unreadable, load_index, read_rgb
 from pipelines.base import Batch, LoaderConfig, seed_from
 from pipelines.gpu_augment import blur_matrices, gaussian_kernels, hsv_saturation
 from pipelines.views import ViewRecipe, ViewSpec

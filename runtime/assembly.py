@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from config import TrainConfig
-from datasets.builtin import resolve_data
-from datasets.imagefolder import scan_image_folder
+from datasources.builtin import resolve_data
+from datasources.imagefolder import scan_image_folder
 from models.backbones import build_backbone
 from models.byol import BYOL
 from models.step import ByolStep, step_precision, view_dtype

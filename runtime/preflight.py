@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from config import TrainConfig, option_flag, option_type
-from datasets.builtin import FASHION_MNIST, parse_builtin
+from datasources.builtin import FASHION_MNIST, parse_builtin
 from pipelines.registry import INSTALL_HINTS, is_available
 from pipelines.views import BYOL_VIEWS
 from runtime.distributed import local_processes, planned_processes, under_launcher, visible_gpus
@@ -57,7 +57,7 @@ def check(cfg: TrainConfig) -> int:
     folder = Path(cfg.data)
     _require(cfg.loader != "ffcv" or not folder.is_dir(),
              f"--data {cfg.data} is a folder; --loader ffcv reads a .beton file: convert it with python -m "
-             f"datasets.ffcv_convert --src {cfg.data} --out {folder.resolve()}.beton")
+             f"datasources.ffcv_convert --src {cfg.data} --out {folder.resolve()}.beton")
     builtin = parse_builtin(cfg.data)
     if builtin is not None:
         _require(builtin.is_dir(), f"--data {cfg.data}: the Fashion-MNIST idx folder {builtin} does not exist "

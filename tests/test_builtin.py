@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets.builtin as builtin
-from datasets.builtin import MANIFEST, class_folder_names, parse_builtin, resolve_data
-from datasets.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from datasets.imagefolder import scan_image_folder
+import datasources.builtin as builtin
+from datasources.builtin import MANIFEST, class_folder_names, parse_builtin, resolve_data
+from datasources.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from datasources.imagefolder import scan_image_folder
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST files not installed")
 COUNTS = {"train": 60, "test": 20}

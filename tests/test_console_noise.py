@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 FORK_WHILE_DECODING = """
 import os, sys
 from pipelines.base import LoaderConfig
-from datasets.ffcv_convert import main as convert
+from datasources.ffcv_convert import main as convert
 from pipelines.registry import build_loader
 from pipelines.views import BYOL_VIEWS
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from datasets.fashion_mnist import FASHION_MNIST_DIR
+from datasources.fashion_mnist import FASHION_MNIST_DIR
 from evaluation import ArraySet, evaluate_encoder, extract_features, knn_predict, linear_probe, pixel_features
 from evaluation.__main__ import load_encoder, main
 from evaluation.data import eval_splits

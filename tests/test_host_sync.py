@@ -106,7 +106,7 @@ def test_torchvision_hand_off_has_no_host_sync(photo_corpus) -> None:
 @pytest.mark.timeout(300)
 def test_ffcv_hand_off_has_no_host_sync(photo_corpus, tmp_path) -> None:
     pytest.importorskip("ffcv")
-    from datasets.ffcv_convert import main as convert
+    from datasources.ffcv_convert import main as convert
     from pipelines.ffcv_loader import build_loader
 
     beton = str(tmp_path / "photos.beton")

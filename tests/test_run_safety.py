@@ -273,7 +273,7 @@ def test_ffcv_given_a_folder_says_how_to_convert_it(capsys, tmp_path, tiny_folde
     monkeypatch.setattr(runtime.preflight, "is_available", lambda name: True)
     message = error_line(capsys, [*REAL, "--loader", "ffcv", "--data", str(tiny_folder), "--out", str(tmp_path)])
     assert message == (f"--data {tiny_folder} is a folder; --loader ffcv reads a .beton file: convert it with "
-                       f"python -m datasets.ffcv_convert --src {tiny_folder} --out {tiny_folder}.beton")
+                       f"python -m datasources.ffcv_convert --src {tiny_folder} --out {tiny_folder}.beton")
 
 
 # Console output.

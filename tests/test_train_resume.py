@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.ffcv_convert import main as ffcv_convert
+from datasources.ffcv_convert import main as ffcv_convert
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 
 STEPS = 8

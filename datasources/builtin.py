@@ -3,7 +3,7 @@
     data = resolve_data("torchvision", "fashion-mnist")          # -> ~/.cache/fastbyol/fashion-mnist/train
     data = resolve_data("ffcv", "fashion-mnist:/srv/fmnist")  # -> ~/.cache/fastbyol/fashion-mnist-<hash>/train.beton
 
-`fashion-mnist` reads the Debian idx files (datasets/fashion_mnist.py); `fashion-mnist:<folder>`
+`fashion-mnist` reads the Debian idx files (datasources/fashion_mnist.py); `fashion-mnist:<folder>`
 reads them from another folder. Anything else is returned unchanged (a user's folder or .beton).
 
 The ImageFolder (dali, torchvision) is one grayscale PNG per image under
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from datasources.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from pipelines.base import keep_torch_threads
 
 FASHION_MNIST = "fashion-mnist"
@@ -119,11 +119,11 @@ def write_png_folder(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
 
 
 def write_beton_file(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
-    """An FFCV .beton of raw RGB pixels, written atomically by datasets.ffcv_convert."""
+    """An FFCV .beton of raw RGB pixels, written atomically by datasources.ffcv_convert."""
     with keep_torch_threads():
         from ffcv.fields import RGBImageField
 
-        from datasets.ffcv_convert import GrayImages, new_progress, write_beton
+        from datasources.ffcv_convert import GrayImages, new_progress, write_beton
     with new_progress() as progress:
         write_beton(GrayImages(images, labels), out, RGBImageField(write_mode="raw"), os.cpu_count() or 1, progress)
 

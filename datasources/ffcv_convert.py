@@ -1,7 +1,7 @@
 """Convert an ImageFolder tree or the built-in Fashion-MNIST to an FFCV .beton file (image + label).
 
-    python -m datasets.ffcv_convert --src data/imagenet/train --out train.beton
-    python -m datasets.ffcv_convert --src fashion-mnist --split train --out fmnist.beton
+    python -m datasources.ffcv_convert --src data/imagenet/train --out train.beton
+    python -m datasources.ffcv_convert --src fashion-mnist --split train --out fmnist.beton
 
 Write modes (ffcv's RGBImageField): 'jpg' stores JPEG (re-encoded at --jpeg-quality), 'raw' stores
 pixels (ffcv ignores --jpeg-quality there), 'smart' stores JPEG only for images whose raw size
@@ -54,8 +54,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from datasets.fashion_mnist import load_fashion_mnist
-from datasets.imagefolder import DECODE_ERRORS, open_rgb, scan_image_folder
+from datasources.fashion_mnist import load_fashion_mnist
+from datasources.imagefolder import DECODE_ERRORS, open_rgb, scan_image_folder
 from runtime.checkpoint import sweep_stale_temp_files, temp_path
 from runtime.signals import StopRequest
 
@@ -514,7 +514,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m datasets.ffcv_convert",
+        prog="python -m datasources.ffcv_convert",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

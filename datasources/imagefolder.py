@@ -341,10 +341,10 @@ def deep_check(root: str | os.PathLike, workers: int = os.cpu_count() or 1) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m datasets.imagefolder --deep-check ROOT`: list the files no loader can decode."""
+    """`python -m datasources.imagefolder --deep-check ROOT`: list the files no loader can decode."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m datasets.imagefolder", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m datasources.imagefolder", description=main.__doc__)
     parser.add_argument("--deep-check", required=True, metavar="ROOT", help="ImageFolder root to decode in full")
     args = parser.parse_args(argv)
     try:
