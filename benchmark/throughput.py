@@ -139,7 +139,7 @@ class Sizes:
     step_warmup: int
     compile_modes: tuple[str, ...]
     sections: tuple[str, ...]
-    small_images: bool | None = None  # None: the trainer's rule (CIFAR stem at <= 64 px)
+    small_images: bool | None = None  # None: the trainer's rule (CIFAR stem at <= SMALL_IMAGE_MAX_RES px)
     width: int = DEFAULT_WIDTH
 
 
