@@ -47,7 +47,13 @@ def cache_root() -> Path:
 
 
 def parse_builtin(data: str) -> Path | None:
-    """The idx folder if `data` names the built-in dataset (`fashion-mnist[:folder]`), else None."""
+    """The idx folder if `data` names the built-in dataset (`fashion-mnist[:folder]`), else None.
+
+    Parameters
+    ----------
+    data: --data as given; 'fashion-mnist' gives FASHION_MNIST_DIR, 'fashion-mnist:<folder>' that folder,
+        'fashion-mnist:' a ValueError.
+    """
     name, sep, folder = data.partition(":")
     if name != FASHION_MNIST:
         return None
@@ -109,7 +115,14 @@ def _publish_folder(tmp: Path, final: Path, expected: dict) -> None:
 
 
 def write_png_folder(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
-    """One lossless grayscale PNG per image under out/<class folder>/<index>.png."""
+    """One lossless grayscale PNG per image under out/<class folder>/<index>.png.
+
+    Parameters
+    ----------
+    images: uint8 (N, H, W) grayscale images.
+    labels: (N,) Fashion-MNIST labels in [0, 10); a label picks its `class_folder_names` folder.
+    out: the folder to fill (made if missing); index is the image's position, zero-padded to one width.
+    """
     names = class_folder_names()
     for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -119,7 +132,14 @@ def write_png_folder(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
 
 
 def write_beton_file(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
-    """An FFCV .beton of raw RGB pixels, written atomically by datasources.ffcv_convert."""
+    """An FFCV .beton of raw RGB pixels, written atomically by datasources.ffcv_convert.
+
+    Parameters
+    ----------
+    images: uint8 (N, H, W) grayscale images, stored as RGB (the gray value in all three channels).
+    labels: (N,) integer labels.
+    out: the .beton's path; written with one worker per CPU core.
+    """
     with keep_torch_threads():
         from ffcv.fields import RGBImageField
 
@@ -129,7 +149,16 @@ def write_beton_file(images: np.ndarray, labels: np.ndarray, out: Path) -> None:
 
 
 def materialize(idx_folder: Path, split: str, kind: str, root: Path | None = None) -> Path:
-    """Return the cached ImageFolder (kind 'folder') or .beton (kind 'beton') of one split, making it once."""
+    """Return the cached ImageFolder (kind 'folder') or .beton (kind 'beton') of one split, making it once.
+
+    Parameters
+    ----------
+    idx_folder: the folder holding the gzip idx files (`parse_builtin`); another folder than the default
+        gets its own cache folder, named by a hash of its path.
+    split: 'train' or 'test'.
+    kind: 'folder' or 'beton'.
+    root: the cache folder (default: `cache_root()`).
+    """
     base = _dataset_dir(idx_folder, root or cache_root())
     final = base / (f"{split}.beton" if kind == "beton" else split)
     images, labels = load_fashion_mnist(split, idx_folder)
@@ -155,7 +184,16 @@ def materialize(idx_folder: Path, split: str, kind: str, root: Path | None = Non
 
 
 def resolve_data(loader: str, data: str, split: str = "train", root: Path | None = None) -> str:
-    """What `loader` should read for `--data`: the cached built-in dataset, or `data` unchanged."""
+    """What `loader` should read for `--data`: the cached built-in dataset, or `data` unchanged.
+
+    Parameters
+    ----------
+    loader: the --loader name: ffcv gets a .beton, dali and torchvision an ImageFolder; any other
+        (synthetic) gets `data` unchanged.
+    data: --data as given; only 'fashion-mnist[:folder]' is resolved.
+    split: 'train' or 'test'.
+    root: the cache folder (default: `cache_root()`).
+    """
     idx_folder = parse_builtin(data)
     if idx_folder is None or loader not in (*FOLDER_LOADERS, "ffcv"):
         return data

@@ -46,7 +46,15 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 def load_fashion_mnist(
     split: str = "train", root: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images uint8 (N, 28, 28), labels int64 (N,)) of the 'train' or 'test' split."""
+    """Return (images uint8 (N, 28, 28), labels int64 (N,)) of the 'train' or 'test' split.
+
+    Parameters
+    ----------
+    split: 'train' (60000 images) or 'test' (10000); ValueError otherwise.
+    root: the folder holding the *-idx?-ubyte.gz files (default: FASHION_MNIST_DIR, $FASHION_MNIST_DIR or
+        /usr/share/datasets/fashion-mnist); FileNotFoundError when a file is missing, ValueError when one is
+        corrupt or truncated.
+    """
     if split not in _PREFIX:
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     folder = Path(root) if root is not None else FASHION_MNIST_DIR

@@ -142,7 +142,15 @@ def load_rgb(path: str, max_res: int | None) -> np.ndarray:
 
 
 class FolderImages:
-    """Indexable (RGB uint8 array, label) view of ImageFolder samples, decoded in the writer's workers."""
+    """Indexable (RGB uint8 array, label) view of ImageFolder samples, decoded in the writer's workers.
+
+    A sample that fails to decode raises UnreadableSample (`write_beton` leaves it out).
+
+    Parameters
+    ----------
+    samples: (path, class index) pairs (`ImageFolderIndex.samples`).
+    max_res: longest side in pixels the images are shrunk to (`load_rgb`); None keeps their size.
+    """
 
     def __init__(self, samples: Sequence[tuple[str, int]], max_res: int | None) -> None:
         self.samples = list(samples)
@@ -160,7 +168,13 @@ class FolderImages:
 
 
 class GrayImages:
-    """Indexable (RGB uint8 array, label) view of grayscale arrays (N, H, W): channels repeated."""
+    """Indexable (RGB uint8 array, label) view of grayscale arrays (N, H, W): channels repeated.
+
+    Parameters
+    ----------
+    images: uint8 (N, H, W) grayscale images (e.g. `load_fashion_mnist`).
+    labels: (N,) integer labels.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images, self.labels = images, labels
@@ -192,6 +206,17 @@ class _SkipUnreadable:
 
 @dataclass
 class Source:
+    """What `load_source` found to convert.
+
+    Attributes
+    ----------
+    dataset: the samples, read by the writer's workers.
+    classes: the number of classes.
+    bad_files: (path, reason) of the files the folder scan already skipped (none for Fashion-MNIST).
+    default_mode: the RGBImageField write mode when --write-mode is not given: 'raw' for the 28 px
+        Fashion-MNIST images, 'jpg' for an ImageFolder.
+    """
+
     dataset: FolderImages | GrayImages
     classes: int
     bad_files: list[tuple[str, str]]
@@ -206,6 +231,15 @@ def evenly_spaced(total: int, limit: int | None) -> np.ndarray:
 
 
 def load_source(src: str, split: str, max_res: int | None, limit: int | None) -> Source:
+    """The samples of --src to convert.
+
+    Parameters
+    ----------
+    src: an ImageFolder root, or 'fashion-mnist' (its idx files under FASHION_MNIST_DIR).
+    split: the Fashion-MNIST split, 'train' or 'test' (ignored for a folder).
+    max_res: longest side in pixels a folder's images are shrunk to; None keeps their size.
+    limit: convert at most this many samples, spread evenly over the sorted list (`evenly_spaced`); None: all.
+    """
     if src == FASHION_MNIST:
         images, labels = load_fashion_mnist(split)
         keep = evenly_spaced(len(images), limit)
@@ -344,6 +378,7 @@ class _WriterHooks:
 
 
 def new_progress(console: Console | None = None) -> Progress:
+    """The rich progress display `write_beton` reports to; `console`: where it prints (default: rich's stdout)."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -417,6 +452,15 @@ def write_beton(dataset, out: str | os.PathLike, image_field, workers: int,
     Samples whose __getitem__ raises UnreadableSample are left out; returns their (path, reason).
     On any failure or interruption the workers are killed and the temp file and the writer's
     shared memory removed before the exception goes on.
+
+    Parameters
+    ----------
+    dataset: indexable (RGB uint8 (H, W, 3) array, int label) samples with len() (`FolderImages`,
+        `GrayImages`); ConversionError when none of them can be read.
+    out: the .beton to write; its folder's stale temp files from killed writers are removed first.
+    image_field: the ffcv RGBImageField the images are stored with (write mode, max resolution, JPEG quality).
+    workers: ffcv's writer processes, which read `dataset`.
+    progress: the display the writing shows on (`new_progress`), started by the caller.
     """
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter

@@ -48,6 +48,15 @@ MAGIC = (
 
 @dataclass
 class ImageFolderIndex:
+    """The samples of an ImageFolder tree root/<class>/<image> (`scan_image_folder`), shared by every loader.
+
+    Attributes
+    ----------
+    root: the folder scanned.
+    classes: the class folder names, sorted; a sample's class index is its folder's position here.
+    samples, bad_files, formats, links: see the comments below.
+    """
+
     root: Path
     classes: list[str]
     samples: list[tuple[str, int]]  # (path, class index), sorted by path
@@ -74,7 +83,13 @@ class ImageFolderIndex:
         return self.formats.get(path, "JPEG")
 
     def readable_by(self, decoder: str, formats: Collection[str]) -> ImageFolderIndex:
-        """This index without the samples whose real format `decoder` cannot decode (moved to `bad_files`)."""
+        """This index without the samples whose real format `decoder` cannot decode (moved to `bad_files`).
+
+        Parameters
+        ----------
+        decoder: the loader's name as the skip reason shows it (e.g. 'DALI').
+        formats: the formats it decodes, as `sniff_format` names them ('JPEG', 'PNG', ...).
+        """
         dropped = [(path, f"{kind} image{_misnamed(path, kind)}: {decoder} cannot decode {kind}; "
                           "--loader torchvision reads it")
                    for path, kind in self.formats.items() if kind not in formats]
@@ -144,8 +159,12 @@ def open_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Imag
     EXIF orientation applied, 16-bit and 32-bit samples scaled to 8 bits (PIL's own conversion clips
     them, so a 16-bit PNG came out white), palette, gray, LA, CMYK converted to RGB (alpha dropped).
 
+    Parameters
+    ----------
+    path: the image file; PIL's errors (DECODE_ERRORS) propagate (`read_rgb` catches them).
     min_side: a JPEG may decode at 1/2..1/8 scale (DCT scaling, PIL's `draft`) as long as its longer
-    side stays at least this (a converter that stores images at most this large)."""
+        side stays at least this (a converter that stores images at most this large); None: full size.
+    """
     with Image.open(path) as img:
         if min_side is not None and max(img.size) > min_side:
             scale = min_side / max(img.size)
@@ -197,7 +216,11 @@ class SkipLog:
 
 
 def inspect_files(paths: list[str], workers: int = 16) -> list[tuple[str | None, str | None]]:
-    """`inspect_image_file` of every path, in input order. Threads suit this: small reads release the GIL."""
+    """`inspect_image_file` of every path, in input order. Threads suit this: small reads release the GIL.
+
+    Each result is (format, reason): the format `sniff_format` found, and why the file is unreadable
+    (None when it is readable). `workers`: threads (at least 1 is used).
+    """
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(inspect_image_file, paths, chunksize=256))
 
@@ -249,6 +272,12 @@ def scan_image_folder(root: str | os.PathLike, *, validate: bool = True) -> Imag
 
     With `validate` (the default), files that cannot be decoded are moved from `samples` to
     `bad_files`; see the module docstring for the check.
+
+    Parameters
+    ----------
+    root: the ImageFolder root; its sub-folders not starting with '.' are the classes.
+    validate: check every file's header (16 threads) and record non-JPEG formats in `formats`; False
+        only lists the files (no `bad_files`, no `formats`: every sample counts as a JPEG).
     """
     root = Path(root)
     if not root.exists():
@@ -295,11 +324,15 @@ def announce(line: str) -> None:
 def load_index(root: str | os.PathLike, decoder: tuple[str, Collection[str]] | None = None,
                role: str = "data") -> ImageFolderIndex:
     """Scan and validate `root`; on the main process, warn about skipped files and symlinked folders
-    seen twice (one warning each, with their paths) and print the one-line `summary` (`role`: which
-    split it is, e.g. 'data' for training, 'eval train' for the evaluation's own read of a folder).
+    seen twice (one warning each, with their paths) and print the one-line `summary`.
 
+    Parameters
+    ----------
+    root: the ImageFolder root (`scan_image_folder`; ValueError for a bad one).
     decoder: (name, the formats it decodes) of a loader that cannot read every format PIL can: the
-    other files are skipped and listed with the unreadable ones.
+        other files are skipped and listed with the unreadable ones (`ImageFolderIndex.readable_by`).
+    role: which split it is in the summary line, e.g. 'data' for training, 'eval train' for the
+        evaluation's own read of a folder.
     """
     index = scan_image_folder(root)
     if decoder is not None:
@@ -328,7 +361,7 @@ def decode_check(path: str) -> str | None:
 
 
 def find_undecodable(paths: list[str], workers: int = os.cpu_count() or 1) -> list[tuple[str, str]]:
-    """(path, reason) of every file in `paths` that fails `decode_check`, in input order."""
+    """(path, reason) of every file in `paths` that fails `decode_check`, in input order; `workers` threads."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL releases the GIL while decoding
         reasons = pool.map(decode_check, paths, chunksize=64)
         return [(path, why) for path, why in zip(paths, reasons, strict=True) if why]

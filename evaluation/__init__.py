@@ -43,7 +43,19 @@ def knn_monitor(
     temperature: float = DEFAULT_TEMPERATURE,
     ranks: Ranks = SINGLE_PROCESS,
 ) -> float:
-    """kNN top-1 in [0, 1] on `val_set` with `train_set` features as the memory bank, on every rank."""
+    """kNN top-1 in [0, 1] on `val_set` with `train_set` features as the memory bank, on every rank.
+
+    Parameters
+    ----------
+    encoder: the frozen backbone, (B, 3, res, res) -> (B, D), e.g. byol.online.encoder; run in eval mode
+        (BN running statistics) and put back in the mode it was in.
+    train_set, val_set: the labelled sets (`eval_splits`); train_set gives the memory bank and num_classes.
+    device: where the features are extracted and compared.
+    res: the side in pixels images are resized (arrays) or centre-cropped (folders) to (default: recipe.res).
+    recipe: its mean and std normalize the images (no augmentation).
+    k, temperature: the kNN vote (`knn_predict`).
+    ranks: this process's place among those sharing the extraction; every rank must call with the same sets.
+    """
     (bank, bank_labels), (queries, query_labels) = gathered_features(encoder, (train_set, val_set), device, res,
                                                                      recipe, ranks)
     return knn_accuracy(bank, bank_labels, queries, query_labels, train_set.num_classes, k, temperature)
@@ -66,6 +78,18 @@ def evaluate_encoder(
     running it on every rank would only repeat it (and slow it P-fold where P CPU processes share
     the cores). The gathers are this call's last collective, so rank 0 keeps nobody waiting: the
     caller must make no collective after it (train.py: only rank-0 file writes, then leaving the group).
+
+    Parameters
+    ----------
+    encoder: the frozen backbone, (B, 3, res, res) -> (B, D), e.g. byol.online.encoder; run in eval mode
+        (BN running statistics) and put back in the mode it was in.
+    train_set: the kNN memory bank and the probe's training set (split for its penalty sweep).
+    test_set: the set both are scored on.
+    device: where the features are extracted, the kNN and the probe run.
+    res: the images' side in pixels at the encoder (default: recipe.res).
+    recipe: its mean and std normalize the images (no augmentation).
+    k: the kNN's neighbours (temperature: DEFAULT_TEMPERATURE).
+    ranks: this process's place among those sharing the extraction (default: one process).
     """
     (train_x, train_y), (test_x, test_y) = gathered_features(encoder, (train_set, test_set), device, res, recipe,
                                                              ranks)
@@ -92,7 +116,15 @@ def evaluate_against_baselines(
     """`evaluate_encoder`'s scores for the trained encoder, beside the same architecture at random init
     (`random_init_*`) and, for in-memory sets, a linear probe on raw pixels (`pixels_linear_top1`):
     measured in the same run, so a claim that training helped is checked against both.
-    Collectives and return value as `evaluate_encoder` (None on ranks other than 0)."""
+    Collectives and return value as `evaluate_encoder` (None on ranks other than 0).
+
+    Parameters
+    ----------
+    encoder: the trained backbone.
+    random_encoder: the same architecture at its random initialisation (e.g. `build_backbone` with the
+        run's arguments, seeded as the run); evaluated exactly as `encoder`.
+    train_set, test_set, device, res, recipe, ranks: as `evaluate_encoder`'s.
+    """
     scores = evaluate_encoder(encoder, train_set, test_set, device, res, recipe, ranks=ranks)
     random_init = evaluate_encoder(random_encoder, train_set, test_set, device, res, recipe, ranks=ranks)
     if scores is None or random_init is None:
@@ -105,7 +137,10 @@ def evaluate_against_baselines(
 
 
 def summary(scores: dict[str, float]) -> str:
-    """One line: each top-1 of the trained encoder with the baselines measured beside it."""
+    """One line: each top-1 of the trained encoder with the baselines measured beside it.
+
+    `scores`: what `evaluate_encoder` or `evaluate_against_baselines` returned (fractions, shown as %).
+    """
     def percent(key: str) -> str:
         return f"{100 * scores[key]:.1f}%"
 

@@ -61,7 +61,14 @@ class _Subsettable:
 
 
 class ArraySet(_Subsettable):
-    """An in-memory labelled set (the built-in dataset, or any uint8 array)."""
+    """An in-memory labelled set (the built-in dataset, or any uint8 array).
+
+    Parameters
+    ----------
+    images: uint8 (N, H, W) grayscale or (N, C, H, W) with C in {1, 3}; a numpy array is copied.
+    labels: (N,) class indices in [0, num_classes).
+    num_classes: the number of classes (the kNN vote's and the probe's width).
+    """
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, num_classes: int):
         # A copy of numpy input: the idx reader hands out read-only buffers, which torch cannot wrap.
@@ -80,6 +87,8 @@ class ArraySet(_Subsettable):
         return ArraySet(self.images[indices], self.labels[indices], self.num_classes)
 
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
+        """(uint8 images, int64 labels) in order, `batch_size` at a time; `res` is unused (the images are
+        resized on the device, `evaluation.features.prepare`)."""
         for start in range(0, len(self), batch_size):
             yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
 
@@ -112,8 +121,16 @@ class FolderSet(_Subsettable):
 
     def __init__(self, root: str, workers: int | None = None, classes: list[str] | None = None,
                  role: str = "eval data"):
-        """classes: the training folder's, which this set's labels must follow by name (the set is then
-        `--val-data` in the error for a class that list lacks); `role` starts its start-up line."""
+        """Scan `root` and label its samples by class name.
+
+        Parameters
+        ----------
+        root: the ImageFolder root (`datasources.imagefolder.load_index` scans it; skipped files are warned about).
+        workers: DataLoader decode processes of `batches` (0: in this process; None: one per usable core).
+        classes: the training folder's, which this set's labels must follow by name (the set is then
+            `--val-data` in the error for a class that list lacks); None: its own class folders.
+        role: starts its start-up line (e.g. 'eval train').
+        """
         index = load_index(root, role=role)
         self.classes = classes or index.classes
         self.samples = _relabelled(index.samples, index.classes, self.classes, f"--val-data {root}")
@@ -141,6 +158,8 @@ class FolderSet(_Subsettable):
         return subset
 
     def batches(self, batch_size: int, res: int) -> Iterator[LabelledBatch]:
+        """(uint8 (B, 3, res, res), int64 labels) in order: short side resized to res / 0.875, centre crop
+        res x res; a file that fails to load is a grey image, warned about and listed in `skipped`."""
         dataset = _CenterCropped(self.samples, res)
         for start, (images, labels, reasons) in zip(itertools.count(0, batch_size), DataLoader(
                 dataset, batch_size=batch_size, num_workers=self.workers,
@@ -191,6 +210,14 @@ def eval_splits(
 
     The limits keep that many evenly spaced samples of each (features of all 70k Fashion-MNIST
     images take minutes on a CPU; a few thousand give a usable monitor).
+
+    Parameters
+    ----------
+    data: --data: 'fashion-mnist[:folder]' (its train and test idx splits) or an ImageFolder root.
+    val_data: --val-data, the labelled ImageFolder scored on; required when `data` is a folder
+        (ValueError otherwise), ignored for the built-in dataset. Its classes are matched to data's by name.
+    train_limit, test_limit: keep at most this many evenly spaced samples of each set (None: all).
+    workers: decode processes of folder sets (`FolderSet`).
     """
     idx_folder = parse_builtin(data)
     if idx_folder is None and val_data is None:

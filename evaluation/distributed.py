@@ -27,7 +27,14 @@ from pipelines.views import BYOL_VIEWS, ViewRecipe
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the `size` processes sharing an evaluation, in `group` (None: the
-    default group). Every process of the group must make the same calls with the same sets."""
+    default group). Every process of the group must make the same calls with the same sets.
+
+    Attributes
+    ----------
+    rank: this process's rank in `group`, in [0, size); rank 0 is the one that scores (`is_main`).
+    size: the processes sharing the extraction; 1 (the default, SINGLE_PROCESS) makes no collective.
+    group: the process group the gathers run in (its backend: gloo for CPU tensors, NCCL for CUDA ones).
+    """
 
     rank: int = 0
     size: int = 1
@@ -52,7 +59,14 @@ def interleave(shards: Sequence[torch.Tensor], total: int) -> torch.Tensor:
 
 
 def all_gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:
-    """Every rank's `rows` (its shard of a `total`-sample set, width equal on all ranks) in set order."""
+    """Every rank's `rows` (its shard of a `total`-sample set, width equal on all ranks) in set order.
+
+    Parameters
+    ----------
+    rows: this rank's rows, (n, ...) with n = len(set.shard(rank, size)), on the group's device.
+    total: the set's sample count.
+    ranks: this process's place; every rank of the group must call.
+    """
     padded = rows.new_zeros((-(-total // ranks.size), *rows.shape[1:]))  # the longest shard's length
     padded[:len(rows)] = rows
     shards = [torch.empty_like(padded) for _ in range(ranks.size)]
@@ -104,6 +118,15 @@ def gathered_features(
     One process extracts everything itself. With several, each rank extracts its shard and the
     features are all-gathered; the labels need no collective, every rank reads them from its own
     copy of the set.
+
+    Parameters
+    ----------
+    encoder: the backbone; with several ranks rank 0's buffers (BN running statistics) are broadcast
+        into it first (`broadcast_buffers`), so every rank's copy changes.
+    sets: the labelled sets, the same on every rank; one (features, labels) pair each, in this order.
+    device: where the features are extracted and gathered (CPU: gloo, CUDA: NCCL).
+    res, recipe, batch_size: as `extract_features`'.
+    ranks: this process's place among those sharing the extraction (default: one process, no collective).
     """
     if ranks.size == 1:
         return [extract_features(encoder, data, device, res, recipe, batch_size) for data in sets]

@@ -21,7 +21,11 @@ DEFAULT_BATCH_SIZE = 512
 
 
 def prepare(images: torch.Tensor, res: int, recipe: ViewRecipe, device: torch.device) -> torch.Tensor:
-    """uint8 (B, C, H, W), C in {1, 3} -> normalized float32 (B, 3, res, res), channels_last, on `device`."""
+    """uint8 (B, C, H, W), C in {1, 3} -> normalized float32 (B, 3, res, res), channels_last, on `device`.
+
+    Images of another size are resized (bilinear, antialiased, aspect ratio not kept); `recipe` gives
+    the mean and std.
+    """
     x = images.to(device, non_blocking=True).float().div_(255)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -53,7 +57,18 @@ def extract_features(
     recipe: ViewRecipe = BYOL_VIEWS,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 (N, D), labels int64 (N,)), both on `device`. `res` defaults to the recipe's."""
+    """(features float32 (N, D), labels int64 (N,)), both on `device`. `res` defaults to the recipe's.
+
+    Parameters
+    ----------
+    encoder: the backbone, (B, 3, res, res) -> (B, D); run in eval mode without grad, its mode restored
+        after. On CUDA it runs under bf16 autocast.
+    data: the labelled set, read in order.
+    device: where the encoder is and the features go.
+    res: the side in pixels the images reach the encoder at (folders are centre-cropped to it, arrays resized).
+    recipe: its mean and std normalize the images (`prepare`); no augmentation.
+    batch_size: images per encoder call.
+    """
     device = torch.device(device)
     res = res or recipe.res
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -67,5 +82,6 @@ def extract_features(
 
 
 def pixel_features(data: ArraySet) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw pixels in [0, 1] as features (the no-learning baseline): float32 (N, C*H*W), labels."""
+    """Raw pixels in [0, 1] as features (the no-learning baseline): float32 (N, C*H*W), labels; on the
+    device of the set's tensors."""
     return data.images.flatten(1).float().div_(255), data.labels

@@ -24,7 +24,17 @@ def knn_predict(
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> torch.Tensor:
-    """Predicted class (N_queries,) for each query row, from the k nearest bank rows by cosine similarity."""
+    """Predicted class (N_queries,) for each query row, from the k nearest bank rows by cosine similarity.
+
+    Parameters
+    ----------
+    bank: (N_bank, D) features of the labelled memory bank (any float dtype; normalized here).
+    bank_labels: (N_bank,) int64 class indices in [0, num_classes), on the bank's device.
+    queries: (N_queries, D) features to classify, on the bank's device.
+    num_classes: the number of classes (the vote's width).
+    k: neighbours that vote (>= 1; ValueError otherwise), at most N_bank.
+    temperature: T of each neighbour's weight exp(similarity / T); lower favours the nearest.
+    """
     if k < 1:
         raise ValueError(f"kNN needs k >= 1, got {k}")
     k = min(k, len(bank))
@@ -47,6 +57,12 @@ def knn_accuracy(
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> float:
-    """Top-1 accuracy in [0, 1] of `knn_predict` on labelled queries."""
+    """Top-1 accuracy in [0, 1] of `knn_predict` on labelled queries.
+
+    Parameters
+    ----------
+    bank, bank_labels, queries, num_classes, k, temperature: as `knn_predict`'s.
+    query_labels: (N_queries,) int64 true classes of the queries (any device).
+    """
     predictions = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
     return (predictions == query_labels.to(predictions.device)).float().mean().item()

@@ -21,6 +21,8 @@ MAX_ITER = 150
 
 @dataclass(frozen=True)
 class ProbeResult:
+    """What `linear_probe` measured (its fields' comments say what each is)."""
+
     top1: float  # test accuracy in [0, 1]
     weight_decay: float  # the penalty chosen on the held-out split
     val_top1: float  # its held-out accuracy
@@ -36,7 +38,16 @@ def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
 def fit_logistic(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int = MAX_ITER
 ) -> torch.nn.Linear:
-    """Mean cross-entropy + weight_decay/2 * ||W||^2, minimized with full-batch L-BFGS."""
+    """Mean cross-entropy + weight_decay/2 * ||W||^2, minimized with full-batch L-BFGS.
+
+    Parameters
+    ----------
+    x: (N, D) float32 standardized features; the probe is made on their device.
+    y: (N,) int64 labels in [0, num_classes).
+    num_classes: the probe's outputs.
+    weight_decay: the L2 penalty on the weights (not the bias).
+    max_iter: L-BFGS iterations (one `step` of torch's LBFGS), starting from zero weights.
+    """
     torch.manual_seed(0)
     probe = torch.nn.Linear(x.shape[1], num_classes, device=x.device)
     torch.nn.init.zeros_(probe.weight)
@@ -70,7 +81,17 @@ def linear_probe(
     val_fraction: float = VAL_FRACTION,
     seed: int = 0,
 ) -> ProbeResult:
-    """Top-1 on the test set of a linear classifier fit on the (standardized) training features."""
+    """Top-1 on the test set of a linear classifier fit on the (standardized) training features.
+
+    Parameters
+    ----------
+    train_x, train_y: (N, D) features and (N,) int64 labels it is fit on (`extract_features`).
+    test_x, test_y: (M, D) features and (M,) labels it is scored on, on train_x's device.
+    num_classes: the number of classes.
+    weight_decays: the L2 penalties swept; the one with the best held-out accuracy is refit on all of train.
+    val_fraction: the share of the training set held out for the sweep, in (0, 1); ValueError otherwise.
+    seed: picks the held-out samples.
+    """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     train_x, test_x = standardize(train_x.float(), test_x.float())

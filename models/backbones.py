@@ -19,7 +19,13 @@ DEFAULT_WIDTH = 64
 
 class ScaledResNet(tvm.ResNet):
     """torchvision's ResNet with every stage `width / 64` times as wide; `width=64` is torchvision's net
-    with the same parameter names and initialisation."""
+    with the same parameter names and initialisation.
+
+    Parameters
+    ----------
+    block, layers: torchvision's block class and blocks per stage (a value of ARCHS).
+    width: the stem's output channels (64: torchvision's net); the stages have 1x, 2x, 4x, 8x of it.
+    """
 
     def __init__(self, block: type[nn.Module], layers: list[int], width: int = DEFAULT_WIDTH) -> None:
         self.width = width  # read by _make_layer, which the parent's __init__ calls
@@ -46,6 +52,14 @@ def build_backbone(arch: str, small_images: bool = False, width: int = DEFAULT_W
     Parameter names match torchvision's, so at the default width `encoder.state_dict()` loads into
     `tvm.<arch>()` with strict=False (only `fc.*` missing) — that is the exported backbone format; any
     width loads into `build_backbone(arch, small_images, width)`.
+
+    Parameters
+    ----------
+    arch: a key of ARCHS ('resnet18', 'resnet34', 'resnet50'); ValueError otherwise.
+    small_images: the CIFAR-style stem (3x3 stride-1 conv, no max-pool) for inputs of at most
+        SMALL_IMAGE_MAX_RES px; False keeps ImageNet's 7x7 stride-2 conv and max-pool.
+    width: the stem's output channels (torchvision's 64); the stages are 1x, 2x, 4x, 8x of it, so
+        feature_dim is 8 * width (resnet18/34) or 32 * width (resnet50).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")

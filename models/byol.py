@@ -30,7 +30,14 @@ def forward_views(
     net: Callable[[torch.Tensor], torch.Tensor], v1: torch.Tensor, v2: torch.Tensor, bn_per_view: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run both views: separately (each view is its own BN batch, as in the official code) or as
-    one concatenated 2B batch (one launch set, faster, but BN statistics mix the views)."""
+    one concatenated 2B batch (one launch set, faster, but BN statistics mix the views).
+
+    Parameters
+    ----------
+    net: the online network's `predict` or the target network; (B, ...) -> (B, D).
+    v1, v2: the two views' batches, the same shape (B, 3, H, W).
+    bn_per_view: True: two calls, one per view; False: one call on the 2B batch.
+    """
     if bn_per_view:
         return net(v1), net(v2)
     out1, out2 = net(torch.cat([v1, v2])).chunk(2)
@@ -38,6 +45,17 @@ def forward_views(
 
 
 class OnlineNetwork(nn.Module):
+    """Encoder -> projector -> predictor, run on both views in one call (the module DDP wraps).
+
+    Parameters
+    ----------
+    encoder: the backbone, (B, 3, H, W) -> (B, feature_dim) (`models.backbones.build_backbone`).
+    feature_dim: the encoder's output width.
+    hidden_dim: the hidden width of the projector and predictor MLPs.
+    proj_dim: the projection (and prediction) width the loss compares.
+    bn_per_view: normalize each view's batch on its own (`forward_views`).
+    """
+
     def __init__(self, encoder: nn.Module, feature_dim: int, hidden_dim: int, proj_dim: int, bn_per_view: bool):
         super().__init__()
         self.encoder = encoder
@@ -53,6 +71,18 @@ class OnlineNetwork(nn.Module):
 
 
 class BYOL(nn.Module):
+    """The online network and its EMA target (a copy of the online encoder and projector, made here).
+
+    Parameters
+    ----------
+    encoder: the backbone, (B, 3, H, W) -> (B, feature_dim) (`models.backbones.build_backbone`); it
+        becomes `online.encoder` and is deep-copied into the target.
+    feature_dim: the encoder's output width (build_backbone returns it).
+    hidden_dim: the hidden width of the projector and predictor MLPs (--hidden-dim; the recipe's 4096).
+    proj_dim: the projection width the loss compares (--proj-dim; the recipe's 256).
+    bn_per_view: BN statistics per view, as the official code (True), or over both views' 2B batch.
+    """
+
     def __init__(self, encoder: nn.Module, feature_dim: int, hidden_dim: int = 4096, proj_dim: int = 256,
                  bn_per_view: bool = True):
         super().__init__()
@@ -66,7 +96,14 @@ class BYOL(nn.Module):
         return list(self.target.parameters()), online
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, online: nn.Module | None = None) -> torch.Tensor:
-        """Symmetric BYOL loss, mean over the batch. `online` may be the DDP-wrapped online network."""
+        """Symmetric BYOL loss, mean over the batch: a 0-d fp32 tensor in [0, 4].
+
+        Parameters
+        ----------
+        v1, v2: the two views of the same B images, (B, 3, H, W), normalized (pipelines/base.py).
+        online: the module that runs the online network: the DDP-wrapped one under DDP
+            (default: self.online). The target always runs without gradients.
+        """
         p1, p2 = (online or self.online)(v1, v2)
         with torch.no_grad():
             z1, z2 = forward_views(self.target, v1, v2, self.online.bn_per_view)
@@ -87,6 +124,13 @@ def ema_update_(target: list[torch.Tensor], online: list[torch.Tensor], tau: tor
     Written as xi += (1 - tau) * (theta - xi): `_foreach_lerp_` would take a tensor tau only as a
     Python scalar, i.e. through `.item()`, a host sync every step in eager mode; `_foreach_mul_` takes
     a 0-d device tensor as it is.
+
+    Parameters
+    ----------
+    target: the target's parameters xi, updated in place (`BYOL.ema_pairs()[0]`).
+    online: the matching online parameters theta, the same order and shapes (`BYOL.ema_pairs()[1]`).
+    tau: the EMA decay in [0, 1] (`optim.schedules.tau_at`); a 0-d tensor on the parameters' device
+        keeps the update free of host syncs and recompiles.
     """
     step = torch._foreach_sub(online, target)
     torch._foreach_mul_(step, 1 - tau)

@@ -39,6 +39,20 @@ def view_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 class ByolStep:
+    """The whole BYOL step, called once per batch: `step(v1, v2, lr, tau)` returns the loss on the device.
+
+    Parameters
+    ----------
+    byol: the model; the step trains `byol.online` and EMA-updates `byol.target` after every optimizer step.
+    optimizer: over the online network's parameters (`optim.factory.build_optimizer`); its lr is set
+        every step (`optim.lars.set_lr`).
+    device: where the views and the model are; autocast and the GradScaler follow its type.
+    precision: an AUTOCAST_DTYPES key, used as given: callers pass `step_precision(...)` for the
+        device. fp16 adds a GradScaler (`scaler`), bf16 and fp16 autocast the forward and loss.
+    compile: torch.compile the forward + loss and the EMA update (the backward follows the forward).
+    online: the module that runs the online network: DDP(byol.online) under DDP (default: byol.online).
+    """
+
     def __init__(
         self,
         byol: BYOL,
@@ -48,7 +62,8 @@ class ByolStep:
         compile: bool = True,
         online: nn.Module | None = None,
     ):
-        """`online` is the module that runs the online network: DDP(byol.online) under DDP."""
+        """See the class docstring (`online` is the module that runs the online network: DDP(byol.online) under
+        DDP)."""
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
         self.byol = byol
@@ -76,7 +91,14 @@ class ByolStep:
         ema_update_(self.target_params, self.online_params, self.tau)
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor, lr: float, tau: float) -> torch.Tensor:
-        """Run one step and return the loss as a detached device tensor (no host sync)."""
+        """Run one step and return the loss as a detached device tensor (no host sync).
+
+        Parameters
+        ----------
+        v1, v2: the batch's two views (pipelines/base.py), on `device`.
+        lr: this step's learning rate (`optim.schedules.Schedule.lr`), written into every group.
+        tau: this step's target EMA decay (`Schedule.tau`), used by the EMA update after the optimizer step.
+        """
         set_lr(self.optimizer, lr)
         self.tau.fill_(tau)
         self.optimizer.zero_grad(set_to_none=True)

@@ -39,8 +39,14 @@ class _AllReduceSum(torch.autograd.Function):
 class CrossReplicaBatchNorm(_BatchNorm):
     """BatchNorm over the union of all ranks' batches for (N, C) and (N, C, ...) inputs.
 
-    Parameters and buffers are nn.BatchNorm's, so state_dicts load either way. `group` is the
-    process group to normalise over (None: the default group, looked up at call time).
+    Parameters and buffers are nn.BatchNorm's, so state_dicts load either way.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, device, dtype: as nn.BatchNorm2d's. The
+        running variance is updated with the unbiased variance of the global batch (n / (n - 1)).
+    group: the process group to normalise over (None: the default group, looked up at call time).
+        A group of one rank, no initialized process group, or eval mode with running stats: plain BN.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
@@ -104,7 +110,14 @@ class CrossReplicaBatchNorm(_BatchNorm):
 
 def convert_cross_replica_bn(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Replace every nn.BatchNorm1d/2d in `module` by CrossReplicaBatchNorm, reusing its Parameter and
-    buffer objects (same state_dict keys, same tensors an optimizer may already hold)."""
+    buffer objects (same state_dict keys, same tensors an optimizer may already hold).
+
+    Parameters
+    ----------
+    module: the network; its children are replaced in place, and the return value is `module` itself
+        unless `module` is a BatchNorm (then its replacement: use the return value).
+    group: the process group every converted layer normalises over (None: the default group).
+    """
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         converted = CrossReplicaBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                           module.track_running_stats, group)

@@ -25,7 +25,19 @@ def build_optimizer(
     eta: float = 1e-3,
     device: torch.device | str = "cpu",
 ) -> torch.optim.Optimizer:
-    """Every choice excludes 1-D tensors (biases, norm weights) from weight decay (and trust ratio)."""
+    """Every choice excludes 1-D tensors (biases, norm weights) from weight decay (and trust ratio).
+
+    Parameters
+    ----------
+    name: --optimizer, one of OPTIMIZERS; ValueError otherwise.
+    params: the online network's parameters (the target is never optimized).
+    lr: the initial learning rate; the step sets it every step (`optim.lars.set_lr`), so the schedule's
+        first value is what matters. lars and lars-loop hold it as a float32 tensor on `device`.
+    weight_decay: applied to the parameters with more than one dimension only.
+    momentum: for lars, lars-loop, torch-optimizer-lars and sgd (lamb ignores it).
+    eta: the LARS trust coefficient (lars, lars-loop, and torch-optimizer-lars's trust_coefficient).
+    device: where the parameters are (the lr tensor of lars and lars-loop goes there).
+    """
     groups = split_1d_params([{"params": list(params)}])
     if name in ("lars", "lars-loop"):
         # A device tensor lr lets the compiled step read the schedule without recompiling.

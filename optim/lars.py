@@ -39,6 +39,11 @@ def scale_each(tensors: list[torch.Tensor], scales: torch.Tensor) -> list[torch.
     equal shapes) and launches one kernel per tensor. Instead all tensors are concatenated in their
     own memory order, multiplied once by the matching run of scales, and split back into views with
     the original shapes and strides (so the momentum buffers that follow stay on the fast path).
+
+    Parameters
+    ----------
+    tensors: the tensors to scale, any shapes and strides, one dtype and device; not modified.
+    scales: (len(tensors),) one factor per tensor (LARS's trust ratios), on the tensors' device.
     """
     orders = [_memory_order(t) for t in tensors]
     flat = torch.cat([t.permute(order).reshape(-1) for t, order in zip(tensors, orders, strict=True)])
@@ -52,6 +57,20 @@ def scale_each(tensors: list[torch.Tensor], scales: torch.Tensor) -> list[torch.
 
 
 class LARS(Optimizer):
+    """LARS as in the module docstring; build it with `optim.factory.build_optimizer` for --optimizer lars.
+
+    Parameters
+    ----------
+    params: tensors, or param-group dicts (a group may set lr, momentum, weight_decay, eta, lars_adapt).
+    lr: the learning rate (>= 0); a 0-d tensor on the parameters' device is updated in place by `set_lr`,
+        so a compiled step does not recompile as it moves.
+    momentum: mu, in [0, 1); 0 skips the momentum buffers.
+    weight_decay: wd (>= 0), added to the gradient before the trust ratio.
+    eta: the trust coefficient (> 0) of r = eta * ||p|| / ||u||.
+    exclude_1d: move every 1-D tensor (biases, norm weights) into a group with neither weight decay nor
+        trust ratio (`optim.param_groups.split_1d_params`); False when the groups are already split.
+    """
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -142,7 +161,13 @@ class PerParameterLARS(LARS):
 
 
 def set_lr(optimizer: Optimizer, lr: float) -> None:
-    """Set every group's lr; tensor lrs are filled in place (no host sync, no recompile)."""
+    """Set every group's lr; tensor lrs are filled in place (no host sync, no recompile).
+
+    Parameters
+    ----------
+    optimizer: any torch optimizer; ByolStep calls this before every step.
+    lr: the step's learning rate (`optim.schedules.Schedule.lr`), the same for every group.
+    """
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)

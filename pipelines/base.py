@@ -24,6 +24,23 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class LoaderConfig:
+    """What one rank's loader loads and how: every loader's `build_loader(cfg)` takes one.
+
+    Attributes
+    ----------
+    data: what the loader reads: an ImageFolder directory (torchvision, dali) or a .beton file (ffcv);
+        the synthetic loader ignores it.
+    batch_size: samples per batch of this process (the global batch / world_size).
+    recipe: the two views' augmentations and output resolution (default: the BYOL recipe).
+    device: where the views are delivered (and, for dali and ffcv, augmented).
+    dtype: the views' dtype (`models.step.view_dtype`: bf16 on CUDA by default); labels stay int64.
+    workers: the loader's worker processes (torchvision; 0 loads in the main process) or decoding
+        threads (dali, ffcv: at least 1).
+    seed: the run's seed; each loader mixes it with the rank and epoch for its shuffling and augmentation.
+    rank, world_size: this process's shard of the samples: rank in [0, world_size).
+    drop_last, compile, in_memory: see the comments below.
+    """
+
     data: str
     batch_size: int  # per process
     recipe: ViewRecipe = field(default_factory=lambda: BYOL_VIEWS)
@@ -49,6 +66,12 @@ class LoaderConfig:
 
 
 class TwoViewLoader(Protocol):
+    """What the trainer iterates (the module docstring has the batch contract).
+
+    `len(loader)`: full batches per epoch for this rank. `set_epoch(epoch)`: call before iterating
+    epoch `epoch` (0-based); it reshuffles the shard and reseeds the augmentation for that epoch.
+    """
+
     def __iter__(self) -> Iterator[Batch]: ...
 
     def __len__(self) -> int: ...

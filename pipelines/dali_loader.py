@@ -330,6 +330,19 @@ def _view(decoded, recipe: ViewRecipe, spec: ViewSpec, dtype: types.DALIDataType
 @pipeline_def(enable_conditionals=True)
 def two_view_pipeline(files: list[str], labels: list[int], recipe: ViewRecipe, gpu: bool,
                       dtype: types.DALIDataType, shard_id: int, num_shards: int):
+    """The DALI graph: read, decode once, and both views from the decode, with the labels.
+
+    `pipeline_def` adds DALI's own keyword arguments (batch_size, num_threads, device_id, seed, ...).
+
+    Parameters
+    ----------
+    files, labels: the samples in a seeded order identical on every rank; the reader shards this list
+        contiguously and reshuffles it after every epoch.
+    recipe: both views' specs, resolution and normalization.
+    gpu: decode in DALI's "mixed" mode and augment on the GPU (else all on the CPU).
+    dtype: the views' DALI dtype (FLOAT or FLOAT16).
+    shard_id, num_shards: this rank's shard of `files` (`LoaderConfig.rank`, `LoaderConfig.world_size`).
+    """
     jpegs, label = fn.readers.file(
         files=files, labels=labels, shuffle_after_epoch=True, shard_id=shard_id, num_shards=num_shards,
         stick_to_shard=False, pad_last_batch=True, name=READER,
@@ -381,7 +394,15 @@ def _reason(err: Exception) -> str:
 
 
 class DaliTwoViewLoader:
-    """Iterates (view1, view2, labels) on `cfg.device`; `bad_files` lists the skipped files."""
+    """Iterates (view1, view2, labels) on `cfg.device`; `bad_files` lists the skipped files.
+
+    Parameters
+    ----------
+    cfg: the loading options; a CUDA `cfg.device` decodes and augments on that GPU, a CPU one on the
+        CPU; `cfg.workers` DALI's CPU threads (at least 1 is used); `cfg.dtype` float32, float16 or
+        bfloat16 (bfloat16 views are made in float16 and cast).
+    index: the scanned ImageFolder `cfg.data`, formats DALI cannot decode already skipped (`build_loader`).
+    """
 
     def __init__(self, cfg: LoaderConfig, index: ImageFolderIndex):
         self.cfg = cfg
@@ -521,5 +542,6 @@ def _failed_files(err: RuntimeError, paths: list[str]) -> list[tuple[str, str]]:
 
 
 def build_loader(cfg: LoaderConfig) -> DaliTwoViewLoader:
+    """This rank's DaliTwoViewLoader over the ImageFolder `cfg.data`, skipping files DALI cannot decode."""
     index = load_index(cfg.data, decoder=("DALI", DECODABLE_FORMATS))
     return DaliTwoViewLoader(cfg, index)

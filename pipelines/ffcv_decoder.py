@@ -42,7 +42,15 @@ def _splitmix(x: np.uint64) -> np.uint64:
 
 @numba.njit
 def sample_key(seed: int, epoch: int, index: int, view: int) -> np.uint64:
-    """Independent 64-bit stream key per (seed, epoch, sample, view)."""
+    """Independent 64-bit stream key per (seed, epoch, sample, view).
+
+    Parameters
+    ----------
+    seed: the run's seed (`LoaderConfig.seed`), non-negative.
+    epoch: the epoch of the draw (`TwoCropDecoder.set_epoch`).
+    index: the sample's index in the .beton (not its position in the batch).
+    view: 0 or 1.
+    """
     key = _splitmix(np.uint64(seed) + _GOLDEN)
     key = _splitmix(key ^ np.uint64(epoch))
     key = _splitmix(key ^ np.uint64(index))
@@ -65,6 +73,13 @@ def random_crop(
 
     Area fraction U[scale], log aspect ratio U[log_ratio]; after 10 rejected draws, the largest
     centred crop with the nearest allowed aspect ratio.
+
+    Parameters
+    ----------
+    height, width: the decoded image's size in pixels.
+    scale_lo, scale_hi: the crop's area as a fraction of the image's (`ViewRecipe.crop_scale`).
+    log_ratio_lo, log_ratio_hi: natural logs of the aspect ratio (width / height) bounds (`ViewRecipe.log_ratio`).
+    seed, epoch, index, view: the key of the draw (`sample_key`).
     """
     state = sample_key(seed, epoch, index, view)
     area = height * width
@@ -97,12 +112,24 @@ def scratch_pixels(heights: np.ndarray, widths: np.ndarray) -> np.uint64:
     Not max(height) x max(width): in a dataset with one tall and one wide image that is far larger
     than any image, and FFCV pins every scratch buffer on CUDA machines (per rank, per batch slot).
     uint64 avoids overflow for large images.
+
+    Parameters
+    ----------
+    heights, widths: per-sample image sizes in pixels (the .beton's image metadata), in the same order.
     """
     return np.uint64((heights.astype(np.uint64) * widths.astype(np.uint64)).max())
 
 
 class TwoCropDecoder(Operation):
-    """Decode an RGBImageField once; emit two random-resized crops per sample, (2, res, res, 3) uint8."""
+    """Decode an RGBImageField once; emit two random-resized crops per sample, (2, res, res, 3) uint8.
+
+    Call `set_epoch(epoch)` before each epoch's iteration: the crops are keyed by (seed, epoch, sample, view).
+
+    Parameters
+    ----------
+    recipe: the crops' output side (`res`), area fractions (`crop_scale`) and aspect ratios (`crop_ratio`).
+    seed: the run's seed (`LoaderConfig.seed`); crops depend only on it, the epoch, the sample and the view.
+    """
 
     def __init__(self, recipe: ViewRecipe, seed: int = 0) -> None:
         super().__init__()

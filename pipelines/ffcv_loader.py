@@ -48,6 +48,12 @@ class ShardedOrder(TraversalOrder):
     """This rank's shard in DistributedSampler's partition, shuffled per (seed, epoch) or in file order.
 
     FFCV calls a TraversalOrder instance with the loader (`order(loader)`), which binds it here.
+
+    Parameters
+    ----------
+    rank, world_size: this process's shard (`LoaderConfig.rank`, `LoaderConfig.world_size`).
+    seed: DistributedSampler's seed; with the epoch it fixes the shuffle, the same on every rank.
+    shuffle: False keeps file order ('sequential').
     """
 
     def __init__(self, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
@@ -94,6 +100,7 @@ def read_beton(path: str) -> Reader:
 
 
 def validate(cfg: LoaderConfig, order: str, num_samples: int) -> None:
+    """ValueError (one line) for a config FFCV would hang on or give no batch for; `num_samples`: the .beton's."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if order == "quasi_random" and cfg.world_size > 1:
@@ -113,7 +120,15 @@ def validate(cfg: LoaderConfig, order: str, num_samples: int) -> None:
 
 
 class FfcvTwoViewLoader:
-    """TwoViewLoader over an FFCV Loader with the decode-once two-crop decoder."""
+    """TwoViewLoader over an FFCV Loader with the decode-once two-crop decoder.
+
+    Parameters
+    ----------
+    cfg: the loading options; `cfg.data` is the .beton (`read_beton` checks it), `cfg.workers` FFCV's
+        decoding threads (at least 1).
+    order: 'random', 'sequential' or 'quasi_random' (the module docstring); None picks by `cfg.in_memory`.
+    batches_ahead: FFCV's prefetch depth: batches decoded ahead of the one being trained on.
+    """
 
     def __init__(
         self, cfg: LoaderConfig, order: str | None = None, batches_ahead: int = 3
@@ -176,5 +191,12 @@ class FfcvTwoViewLoader:
 
 
 def build_loader(cfg: LoaderConfig, order: str | None = None, batches_ahead: int = 3) -> FfcvTwoViewLoader:
-    """order: 'random', 'sequential' or 'quasi_random'; None picks by `cfg.in_memory`."""
+    """This rank's FfcvTwoViewLoader over the .beton `cfg.data`.
+
+    Parameters
+    ----------
+    cfg: the loading options (`pipelines.base.LoaderConfig`).
+    order: 'random', 'sequential' or 'quasi_random'; None picks by `cfg.in_memory`.
+    batches_ahead: FFCV's prefetch depth in batches.
+    """
     return FfcvTwoViewLoader(cfg, order=order, batches_ahead=batches_ahead)

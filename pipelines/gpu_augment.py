@@ -88,7 +88,10 @@ def _factor(u: torch.Tensor, strength: float) -> torch.Tensor:
 class ColourBasis(NamedTuple):
     """Constant colour matrices, made once on the host and kept on the device: building them per
     batch would copy from pageable host memory (and `linalg.inv` checks its result on the host),
-    three host syncs per view on CUDA. The DALI loader builds its colour maps from the same ones."""
+    three host syncs per view on CUDA. The DALI loader builds its colour maps from the same ones.
+
+    `build(device, dtype)` makes them (computed in float64, then cast to `dtype` on `device`).
+    """
 
     gray: torch.Tensor  # (3,) luma weights
     # The hue rotation by theta is hue_fixed + cos(theta) hue_cos + sin(theta) hue_sin (see hue_matrix).
@@ -133,11 +136,19 @@ def jitter_matrices(u: torch.Tensor, mean_rgb: torch.Tensor, spec: ViewSpec, bas
                     mode: str = "torchvision", steps: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample (B, 3, 4) affine colour maps of the jitter chain, in random order per sample.
 
-    u: (B, _DRAWS) uniforms; mean_rgb: (B, 3) mean colour of each input image on the [0, 1] scale;
-    `basis` on u's device. `mode` is one of views.JITTER_MODES ("torchvision": every op is affine).
-    In "official" mode the saturation op is not affine and is left out (identity): the caller
-    applies `hsv_saturation` between the maps of the steps before and after it. steps: (B, 4) bool,
-    which steps of each sample's order to compose (default: all four).
+    A map M acts on an RGB column x in [0, 1] as M[:, :3] @ x + M[:, 3]; samples whose jitter does not
+    fire (u[:, jitter column] >= spec.jitter_p) get the identity.
+
+    Parameters
+    ----------
+    u: (B, _DRAWS) uniforms in [0, 1), the view's per-sample draws; their dtype and device are the maps'.
+    mean_rgb: (B, 3) mean colour of each input image on the [0, 1] scale (the contrast op's pivot).
+    spec: the view's jitter strengths and probability.
+    basis: the colour constants, on u's device.
+    mode: one of views.JITTER_MODES ("torchvision": every op is affine). In "official" mode the
+        saturation op is not affine and is left out (identity): the caller applies `hsv_saturation`
+        between the maps of the steps before and after it.
+    steps: (B, 4) bool, which steps of each sample's order to compose (default: all four).
     """
     batch, device, dtype = u.shape[0], u.device, u.dtype
     official = mode == "official"
@@ -192,7 +203,14 @@ def _apply_colour(colour: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> 
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int, enabled: torch.Tensor) -> torch.Tensor:
-    """(B,) sigmas -> (B, size) normalized 1-D Gaussians; a delta kernel where `enabled` is False."""
+    """(B,) sigmas -> (B, size) normalized 1-D Gaussians; a delta kernel where `enabled` is False.
+
+    Parameters
+    ----------
+    sigma: (B,) standard deviations in pixels; the kernels take its dtype and device.
+    size: taps per kernel, odd (`ViewRecipe.blur_kernel_size`), centred on tap size // 2.
+    enabled: (B,) bool, which samples are blurred.
+    """
     x = torch.arange(size, device=sigma.device, dtype=sigma.dtype) - size // 2
     # Clamping the exponent keeps every tap either 0 or a normal float: for some small sigmas
     # (0.14-0.15, 0.21-0.23, ...) outer taps fall in float32's subnormal range, and subnormals
@@ -212,6 +230,12 @@ def blur_matrices(kernels: torch.Tensor, size: int, flip: torch.Tensor | None = 
     Blurring as a batched matmul runs near peak FLOP rate on CPU and GPU, unlike a grouped
     convolution with B*C groups, and it folds the horizontal flip in for free: a flip commutes
     with every per-pixel colour op, so mirroring at the blur gives the same view as mirroring first.
+
+    Parameters
+    ----------
+    kernels: (B, K) 1-D kernels, K odd (`gaussian_kernels`); K // 2 must be below `size` (ValueError).
+    size: length of the lines blurred: the image's height for the row pass, its width for the column pass.
+    flip: (B,) bool, which samples are mirrored (default: none).
     """
     batch, width = kernels.shape
     radius = width // 2
@@ -230,7 +254,18 @@ def blur_matrices(kernels: torch.Tensor, size: int, flip: torch.Tensor | None = 
 
 
 class TwoViewAugment(nn.Module):
-    """uint8 crops of both views -> normalized (B, 3, H, W) channels_last views in `dtype`."""
+    """uint8 crops of both views -> normalized (B, 3, H, W) channels_last views in `dtype`.
+
+    Move it to the crops' device with `.to(device)` (its constants are buffers); the ffcv loader runs it
+    on its batches, and tests and benchmarks call it on CPU crops.
+
+    Parameters
+    ----------
+    recipe: both views' photometric specs, the jitter mode, the blur kernel size and the normalization;
+        the crops arrive already cropped and resized to the output size.
+    dtype: the views' dtype (the step's: `models.step.view_dtype`); the work is done in float32.
+    compile: torch.compile `augment_view` (static shapes: one graph per crop size and spec).
+    """
 
     def __init__(self, recipe: ViewRecipe, dtype: torch.dtype = torch.float32, compile: bool = False) -> None:
         super().__init__()
@@ -292,7 +327,16 @@ class TwoViewAugment(nn.Module):
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment two crop batches, or one stacked batch (B, 2, H, W, 3) / (B, 2, 3, H, W) as `view1`."""
+        """Augment two crop batches, or one stacked batch (B, 2, H, W, 3) / (B, 2, 3, H, W) as `view1`.
+
+        Parameters
+        ----------
+        view1: uint8 crops of view 1, (B, H, W, 3) or (B, 3, H, W), on this module's device; or both views
+            stacked on dim 1 when view2 is None.
+        view2: uint8 crops of view 2, shaped like view1.
+        generator: draws the per-sample random parameters, on the crops' device (default: torch's global
+            generator); the ffcv loader passes one seeded per (seed, rank, epoch, batch).
+        """
         if view2 is None:
             if view1.dim() != 5 or view1.shape[1] != 2:
                 raise ValueError(f"one input must stack both views as (B, 2, ...), got {tuple(view1.shape)}")

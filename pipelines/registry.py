@@ -30,11 +30,19 @@ def _import_loader_module(name: str):
 
 
 def build_loader(name: str, cfg: LoaderConfig) -> TwoViewLoader:
-    """Build the named loader; every module exposes `build_loader(cfg) -> TwoViewLoader`."""
+    """Build the named loader; every module exposes `build_loader(cfg) -> TwoViewLoader`.
+
+    Parameters
+    ----------
+    name: a key of LOADER_MODULES (ValueError otherwise); LoaderUnavailable, with the install command,
+        when its optional dependency is missing.
+    cfg: this rank's share of the loading (`runtime.assembly.loader_config`).
+    """
     return _import_loader_module(name).build_loader(cfg)
 
 
 def is_available(name: str) -> bool:
+    """Whether loader `name` (a key of LOADER_MODULES) imports; importing it is the test."""
     try:
         _import_loader_module(name)
     except LoaderUnavailable:
@@ -44,7 +52,12 @@ def is_available(name: str) -> bool:
 
 def default_loader(data: str) -> str:
     """The loader a run uses when none is named: FFCV for its own .beton files; otherwise DALI, which
-    decodes on the GPU and, in its CPU mode, beats the torchvision baseline too; torchvision without it."""
+    decodes on the GPU and, in its CPU mode, beats the torchvision baseline too; torchvision without it.
+
+    Parameters
+    ----------
+    data: --data as the loader reads it; only its suffix is looked at (".beton" picks ffcv).
+    """
     if data.endswith(".beton"):
         return "ffcv"
     return "dali" if is_available("dali") else "torchvision"

@@ -16,6 +16,17 @@ SYNTHETIC_EPOCH_SAMPLES = 100_000  # like a mid-size dataset: sets len() and epo
 
 
 class SyntheticLoader:
+    """Random normalized views from a pool made once on `cfg.device`; labels are random in [0, 1000).
+
+    Parameters
+    ----------
+    cfg: the loading options; data and workers are ignored, the pool is seeded with seed + rank.
+    samples_per_epoch: the global samples per epoch; len() is samples_per_epoch // (batch_size * world_size)
+        (ValueError when that is 0).
+    pool_batches: how many distinct (view1, view2) pairs the pool cycles through (pool_batches + 1
+        batches are kept on the device).
+    """
+
     def __init__(self, cfg: LoaderConfig, samples_per_epoch: int = SYNTHETIC_EPOCH_SAMPLES, pool_batches: int = 4):
         self.cfg = cfg
         self.batches = samples_per_epoch // (cfg.batch_size * cfg.world_size)

@@ -44,7 +44,12 @@ def _draw(low: float, high: float) -> float:
 
 class OfficialColorJitter(nn.Module):
     """The official BYOL colour jitter (formulas in pipelines/views.py) on a float (3, H, W) image in
-    [0, 1]: the four ops in a random order, each result clipped to [0, 1], parameters drawn per call."""
+    [0, 1]: the four ops in a random order, each result clipped to [0, 1], parameters drawn per call.
+
+    Parameters
+    ----------
+    brightness, contrast, saturation, hue: the op strengths (`ViewSpec`); an op of strength 0 is skipped.
+    """
 
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float) -> None:
         super().__init__()
@@ -83,6 +88,11 @@ class SeparableGaussianBlur(nn.Module):
     slow as the PIL `ImageFilter.GaussianBlur` that solo-learn's BYOL pipeline uses; the baseline must be
     the fastest faithful pipeline a user would pick. Each pass is one matmul with a banded matrix
     (gpu_augment's `blur_matrices`, shared so both loaders blur with the same kernel and padding).
+
+    Parameters
+    ----------
+    kernel_size: taps of the 1-D kernel, odd (`ViewRecipe.blur_kernel_size`).
+    sigma: (low, high) of sigma in pixels (`ViewSpec.blur_sigma`).
     """
 
     def __init__(self, kernel_size: int, sigma: tuple[float, float]) -> None:
@@ -127,7 +137,16 @@ ViewTransform = Callable[[ViewRecipe, ViewSpec], Callable[[Image.Image], torch.T
 
 
 class TwoViewImageFolder(Dataset):
-    """Sample i -> (view1, view2, label) from one decode of the image."""
+    """Sample i -> (view1, view2, label) from one decode of the image.
+
+    An image that fails to load gives its `Unreadable` instead (`collate_skipping` leaves it out).
+
+    Parameters
+    ----------
+    index: the scanned ImageFolder (`datasources.imagefolder.load_index`): samples and labels.
+    recipe: the two views' specs.
+    transform: (recipe, spec) -> the PIL-image-to-tensor transform of one view (default: `view_transform`).
+    """
 
     def __init__(self, index: ImageFolderIndex, recipe: ViewRecipe, transform: ViewTransform = None):
         self.samples = index.samples
@@ -172,7 +191,14 @@ class EpochSeeded(Dataset):
 
 class ShardSampler(Sampler[tuple[int, int]]):
     """A (seed, epoch)-seeded permutation, strided over ranks; every index exactly once across ranks.
-    Yields (epoch, index): `EpochSeeded` seeds each sample's augmentations with both."""
+    Yields (epoch, index): `EpochSeeded` seeds each sample's augmentations with both.
+
+    Parameters
+    ----------
+    size: the dataset's sample count.
+    rank, world_size: this process's stride over the permutation (rank in [0, world_size)).
+    seed: the run's seed; every rank must pass the same, so the ranks share one permutation per epoch.
+    """
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int):
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
@@ -191,7 +217,14 @@ class ShardSampler(Sampler[tuple[int, int]]):
 
 
 class TorchvisionTwoViewLoader:
-    """Iterates (view1, view2, labels) on `cfg.device`; `bad_files` lists the skipped files."""
+    """Iterates (view1, view2, labels) on `cfg.device`; `bad_files` lists the skipped files.
+
+    Parameters
+    ----------
+    cfg: the loading options; `cfg.workers` DataLoader worker processes (0: load in this process).
+    index: the scanned ImageFolder `cfg.data` (`datasources.imagefolder.load_index`).
+    transform: (recipe, spec) -> one view's PIL-image-to-tensor transform (default: `view_transform`).
+    """
 
     def __init__(self, cfg: LoaderConfig, index: ImageFolderIndex, transform: ViewTransform = None):
         self.cfg = cfg
@@ -237,5 +270,6 @@ class TorchvisionTwoViewLoader:
 
 
 def build_loader(cfg: LoaderConfig) -> TorchvisionTwoViewLoader:
+    """This rank's TorchvisionTwoViewLoader over the ImageFolder `cfg.data` (scanned or read from its index)."""
     index = load_index(cfg.data)
     return TorchvisionTwoViewLoader(cfg, index)

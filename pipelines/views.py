@@ -44,7 +44,20 @@ JITTER_MODES = ("official", "torchvision")
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """Per-view photometric augmentations; each probability is drawn independently per sample."""
+    """Per-view photometric augmentations; each probability is drawn independently per sample.
+
+    Attributes
+    ----------
+    flip_p: probability of a horizontal flip.
+    jitter_p: probability of the colour jitter (all four ops together; each is skipped at strength 0).
+    brightness, contrast, saturation, hue: the jitter strengths; the factor and shift laws of each are
+        in the module docstring (hue in turns of the colour wheel: 0.1 is up to 36 degrees).
+    grayscale_p: probability of the grayscale op, after the jitter.
+    blur_p: probability of the Gaussian blur; its kernel size is `ViewRecipe.blur_kernel_size`.
+    blur_sigma: (low, high) of the blur's sigma ~ U[low, high], in output pixels.
+    solarize_p: probability of solarizing, the last photometric op.
+    solarize_threshold: see the comment below.
+    """
 
     flip_p: float = 0.5
     jitter_p: float = 0.8
@@ -62,7 +75,20 @@ class ViewSpec:
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """Geometry shared by both views plus the two asymmetric photometric specs."""
+    """Geometry shared by both views plus the two asymmetric photometric specs.
+
+    Attributes
+    ----------
+    res: side in pixels of both (square) output views.
+    crop_scale: (low, high) of the random-resized crop's area as a fraction of the image's area.
+    crop_ratio: (low, high) of the crop's aspect ratio (width / height), drawn log-uniformly.
+    blur_kernel_fraction: see the comment below (`blur_kernel_size`).
+    mean, std: per-channel RGB normalization on the [0, 1] scale (ImageNet's); `mean_255`/`std_255`
+        give them on the 0-255 scale.
+    view1, view2: the photometric specs of the two views; by default view1 is always blurred and never
+        solarized, view2 rarely blurred and sometimes solarized (the recipe's asymmetry).
+    jitter: see the comment below.
+    """
 
     res: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -108,7 +134,15 @@ class ViewRecipe:
 
     def with_overrides(self, res: int | None = None, min_scale: float | None = None,
                        blur: bool = True, jitter: str | None = None) -> ViewRecipe:
-        """Return a copy with CLI overrides applied (None keeps the recipe value; blur=False: `without_blur`)."""
+        """Return a copy with CLI overrides applied (None keeps the recipe value; blur=False: `without_blur`).
+
+        Parameters
+        ----------
+        res: --res, the output side in pixels (at least 8; ValueError below).
+        min_scale: --min-scale, the smallest crop area fraction; in (0, crop_scale[1]], else ValueError.
+        blur: --blur; False drops the Gaussian blur from both views.
+        jitter: --jitter, one of JITTER_MODES (ValueError from the new recipe otherwise).
+        """
         recipe = self if blur else self.without_blur()
         if jitter is not None:
             recipe = replace(recipe, jitter=jitter)

@@ -39,6 +39,16 @@ RENDEZVOUS_FILE = "FASTBYOL_RENDEZVOUS_FILE"
 
 @dataclass(frozen=True)
 class World:
+    """This process's place in the run (`init_world`).
+
+    Attributes
+    ----------
+    rank: the global rank, in [0, size); rank 0 is the main process (`is_main`): it logs and writes.
+    local_rank: the rank on this machine; on CUDA the GPU index this process uses.
+    size: the world size, the number of training processes (1: no process group).
+    device: cuda:<local_rank>, or cpu for gloo processes.
+    """
+
     rank: int
     local_rank: int
     size: int
@@ -69,7 +79,14 @@ def local_processes(world_size: int) -> int:
 
 
 def planned_processes(gpus: int | None, processes: int) -> tuple[int, int]:
-    """(gpus, world size) for this run. Under a launcher the world size is its WORLD_SIZE."""
+    """(gpus, world size) for this run. Under a launcher the world size is its WORLD_SIZE.
+
+    Parameters
+    ----------
+    gpus: --gpus, the GPUs to train on (None: every visible one); one per process. Under a launcher
+        each process uses at most one.
+    processes: --processes, the CPU processes when no GPU is used.
+    """
     gpus = visible_gpus() if gpus is None else gpus
     if under_launcher():
         return min(gpus, 1), int(os.environ["WORLD_SIZE"])
@@ -85,7 +102,18 @@ def _worker(index: int, fn: Callable[[Any], int], cfg: Any, world_size: int, ren
 
 
 def launch(fn: Callable[[Any], int], cfg: Any, world_size: int) -> int:
-    """Run fn(cfg) in `world_size` processes (in this one when 1 or under torchrun); return the exit code."""
+    """Run fn(cfg) in `world_size` processes (in this one when 1 or under torchrun); return the exit code.
+
+    SIGTERM and SIGINT sent to this process are passed on to every spawned one.
+
+    Parameters
+    ----------
+    fn: the per-process entry point, returning an exit code (0: success); spawned processes find their
+        RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous file in the environment (`init_world` reads them).
+        Spawned with the 'spawn' start method, so `fn` and `cfg` must pickle.
+    cfg: the one argument of `fn`, the same for every process.
+    world_size: the processes to run (`planned_processes`); ignored under torchrun, which started them.
+    """
     if world_size == 1 or under_launcher():
         return fn(cfg)
     rendezvous = Path(tempfile.mkdtemp(prefix="fastbyol-rdzv-")) / "store"
@@ -115,7 +143,12 @@ def launch(fn: Callable[[Any], int], cfg: Any, world_size: int) -> int:
 
 
 def init_world(use_cuda: bool) -> World:
-    """Join the process group described by the environment (a no-op for a single process)."""
+    """Join the process group described by the environment (a no-op for a single process).
+
+    Parameters
+    ----------
+    use_cuda: one GPU per process, cuda:LOCAL_RANK (made the current device), and NCCL; False: CPU and gloo.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -135,7 +168,18 @@ def close_world(world: World) -> None:
 
 
 def wrap_online(byol: nn.Module, world: World, sync_bn: bool) -> nn.Module:
-    """Cross-replica BN on online and target, DDP on the online network; returns the module to run."""
+    """Cross-replica BN on online and target, DDP on the online network; returns the module to run.
+
+    With several processes rank 0's target is broadcast to every rank; every rank must call this.
+
+    Parameters
+    ----------
+    byol: the model (`models.byol.BYOL`), on `world.device`; with `sync_bn` its online and target BN
+        layers are replaced in place, before the optimizer is built over its parameters.
+    world: this process's place; one process returns `byol.online` unwrapped.
+    sync_bn: --sync-bn: cross-replica BN (`models.sync_bn`); False keeps per-rank BN and DDP broadcasts
+        rank 0's BN buffers at every forward.
+    """
     if world.size == 1:
         return byol.online
     if sync_bn:
@@ -159,7 +203,15 @@ def buffer_sync(sync: bool) -> dict[str, bool]:
 
 
 def agree(world: World, loss: torch.Tensor, flags: list[bool]) -> tuple[float, list[bool]]:
-    """Mean loss over ranks and OR of each flag, in one collective (and the one host sync)."""
+    """Mean loss over ranks and OR of each flag, in one collective (and the one host sync).
+
+    Parameters
+    ----------
+    world: this process's place; every rank must call with as many flags.
+    loss: this rank's loss, a 0-d (or one-element) device tensor (`ByolStep`'s return).
+    flags: this rank's yes/no votes, e.g. [stop requested, checkpoint due]; a flag comes back True when
+        any rank set it.
+    """
     packed = torch.stack([loss.float().reshape(()), *(torch.tensor(float(f), device=loss.device) for f in flags)])
     if world.size > 1:
         dist.all_reduce(packed)

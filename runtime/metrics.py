@@ -34,6 +34,9 @@ class Window:
         self.start, self.waited, self.images = time.perf_counter(), 0.0, 0
 
     def timed(self, batches: Iterable[T]) -> Iterator[T]:
+        """`batches` item by item, adding the time each `next()` took to the window's loader wait.
+
+        The caller counts the window's images itself (`images`)."""
         iterator = iter(batches)
         while True:
             t0 = time.perf_counter()
@@ -60,7 +63,16 @@ def _keep_rows_up_to(path: Path, step: int, parse: Any) -> None:
 
 
 class MetricsLog:
-    """metrics.csv + metrics.jsonl in `out` (and TensorBoard events if tensorboard is installed)."""
+    """metrics.csv + metrics.jsonl in `out` (and TensorBoard events if tensorboard is installed).
+
+    Written by the main process only; every `write` is flushed.
+
+    Parameters
+    ----------
+    out: the run's output folder (made if missing); the files go in it, TensorBoard's under out/tensorboard.
+    resume_step: the step of the checkpoint a resumed run starts from: the files are appended to, minus
+        the rows logged after that step (they will be redone). 0: a new run, and old files are removed.
+    """
 
     def __init__(self, out: Path, resume_step: int = 0):
         out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +97,8 @@ class MetricsLog:
             pass
 
     def write(self, record: dict[str, float]) -> None:
+        """One log point: a CSV row (the COLUMNS, blank where missing), a JSONL line (every key) and a
+        TensorBoard scalar per key but step and epoch. `record` must hold 'step'."""
         self.csv.writerow({k: record.get(k, "") for k in COLUMNS})
         self.csv_file.flush()
         self.jsonl_file.write(json.dumps(record) + "\n")
@@ -102,6 +116,8 @@ class MetricsLog:
 
 
 def format_record(record: dict[str, float], total_steps: int) -> str:
+    """The plain progress line of a log point; `record` needs step, epoch, loss, lr, tau, images_per_s and
+    loader_wait (knn_top1 is shown when present)."""
     text = (f"step {record['step']:6d}/{total_steps}  epoch {record['epoch']}  loss {record['loss']:.4f}  "
             f"lr {record['lr']:.4g}  tau {record['tau']:.5f}  {record['images_per_s']:,.0f} img/s  "
             f"loader wait {record['loader_wait']:.0%}")
@@ -111,7 +127,14 @@ def format_record(record: dict[str, float], total_steps: int) -> str:
 
 
 class Display:
-    """A rich progress bar on a terminal; one plain line per log point otherwise (CI, log files)."""
+    """A rich progress bar on a terminal; one plain line per log point otherwise (CI, log files).
+
+    Parameters
+    ----------
+    total_steps: the run's optimizer steps (the bar's length).
+    start_step: where the bar starts (a resumed run's step).
+    enabled: False shows nothing at all (ranks other than 0).
+    """
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
         self.total_steps = total_steps
@@ -149,7 +172,13 @@ class Display:
 
 
 def plot_metrics(jsonl_path: Path, png_path: Path) -> bool:
-    """Loss, kNN accuracy (if logged) and throughput against step, as a PNG. False without matplotlib."""
+    """Loss, kNN accuracy (if logged) and throughput against step, as a PNG. False without matplotlib.
+
+    Parameters
+    ----------
+    jsonl_path: the run's metrics.jsonl (`MetricsLog`); non-finite values are left out of the plot.
+    png_path: the image to write.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")

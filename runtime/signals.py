@@ -21,6 +21,9 @@ class StopRequest:
 
     Repeated signals are harmless (a launcher and a terminal may both deliver one), so stopping
     never aborts a checkpoint half-way; the checkpoint write itself is atomic anyway.
+
+    Create it in the main thread (Python installs signal handlers only there); `restore()` puts the
+    previous handlers back.
     """
 
     def __init__(self) -> None:
