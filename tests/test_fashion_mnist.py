@@ -7,11 +7,12 @@ import gzip
 import numpy as np
 import pytest
 
-from datasets.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from datasources.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 
-pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST files not installed")
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST files not installed")
 
 
+@needs_fashion_mnist
 @pytest.mark.parametrize(("split", "count"), [("train", 60000), ("test", 10000)])
 def test_shapes_and_balanced_labels(split: str, count: int) -> None:
     images, labels = load_fashion_mnist(split)
@@ -21,6 +22,7 @@ def test_shapes_and_balanced_labels(split: str, count: int) -> None:
     assert np.bincount(labels).tolist() == [count // 10] * 10
 
 
+@needs_fashion_mnist
 def test_pixel_statistics_match_published_values() -> None:
     images, _ = load_fashion_mnist("train")
     unit = images.astype(np.float64) / 255
@@ -29,6 +31,7 @@ def test_pixel_statistics_match_published_values() -> None:
     assert unit.std() == pytest.approx(0.3530, abs=5e-4)
 
 
+@needs_fashion_mnist
 def test_bad_split_and_bad_files(tmp_path) -> None:
     with pytest.raises(ValueError, match="'train' or 'test'"):
         load_fashion_mnist("validation")
@@ -41,3 +44,19 @@ def test_bad_split_and_bad_files(tmp_path) -> None:
         fh.write(np.array([0x0801, 2], dtype=">u4").tobytes() + bytes(2))
     with pytest.raises(ValueError, match="truncated"):
         load_fashion_mnist("train", root=tmp_path)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda data: data[: len(data) // 2], "is not a complete gzip file"),
+    (lambda data: b"not gzip at all", "is not a complete gzip file"),
+    (lambda data: gzip.compress(b"\x00\x00"), "is truncated: 2 bytes"),
+])
+def test_damaged_fashion_mnist_file_is_one_clear_error(tmp_path, make, message):
+    images = gzip.compress(np.array([0x0803, 1, 2, 2], ">u4").tobytes() + bytes(4))
+    labels = gzip.compress(np.array([0x0801, 1], ">u4").tobytes() + bytes(1))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(labels)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(images)
+    assert load_fashion_mnist("test", tmp_path)[0].shape == (1, 2, 2)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(make(images))
+    with pytest.raises(ValueError, match=f"t10k-images-idx3-ubyte.gz {message}"):
+        load_fashion_mnist("test", tmp_path)

@@ -1,6 +1,8 @@
-"""ffcv_convert under interruption and bad input: signals end it promptly with nothing left behind,
-files that turn out unreadable while writing are skipped and counted, extreme aspect ratios convert,
-and an --out that cannot be (or must not be) written is refused before any work."""
+"""The .beton converter (datasources/ffcv_convert.py, `python -m datasources.ffcv_convert`): counts, labels and
+resolution of what it writes, unreadable files skipped and reported (at the scan or while writing), bad
+input refused with one line, failed or interrupted conversions that leave nothing behind, signals that
+end it promptly, extreme aspect ratios, and an --out that cannot be (or must not be) written refused
+before any work. The loader that reads the .beton is tested in test_ffcv_loader.py."""
 
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_files import UNREADABLE
+from ffcv_betons import MAX_RES, dirty_beton_of
 from PIL import Image
 
-from datasets.ffcv_convert import (
+from datasources.ffcv_convert import (
     BETON_HEADER,
     ConversionError,
     FolderImages,
@@ -28,7 +32,7 @@ from datasets.ffcv_convert import (
     new_progress,
     write_beton,
 )
-from datasets.imagefolder import scan_image_folder
+from datasources.imagefolder import scan_image_folder
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,19 +43,129 @@ LOADING_LINE = "loading ffcv"
 LONG_CONVERSION = ("--src", "fashion-mnist", "--workers", "2")
 
 
+@pytest.fixture(scope="module")
+def dirty_beton(dirty_corpus: str, tmp_path_factory) -> str:
+    return dirty_beton_of(dirty_corpus, tmp_path_factory)
+
+
+# ---------------------------------------------------------------- the converter's output and errors
+
+
+def test_converter_counts_labels_and_skips_unreadable(dirty_beton, dirty_corpus: str) -> None:
+    from ffcv.reader import Reader
+
+    path = dirty_beton
+    readable = scan_image_folder(dirty_corpus, validate=True)
+    reader = Reader(path)
+    assert reader.num_samples == len(readable.samples) == 32 + 4  # 4 odd-but-valid files are kept
+    assert {Path(p).name for p, _ in readable.bad_files} == set(UNREADABLE)
+    labels = reader.metadata["f1"]
+    assert labels.tolist() == [label for _, label in readable.samples]
+    sizes = zip(reader.metadata["f0"]["width"], reader.metadata["f0"]["height"], strict=True)
+    assert max(max(int(w), int(h)) for w, h in sizes) == MAX_RES
+
+
+def test_converter_reports_unreadable_files(dirty_corpus: str, tmp_path, capfd) -> None:
+    out = tmp_path / "small.beton"
+    assert main(["--src", dirty_corpus, "--out", str(out), "--limit", "4", "--workers", "1"]) == 0
+    captured = capfd.readouterr()
+    for name in UNREADABLE:
+        assert f"class_000/{name}" in captured.err
+    assert "skipped 3 unreadable file(s)" in captured.out and "wrote 4 images" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--src", "/nonexistent/folder"], "is not a folder"),
+        (["--src", "EMPTY"], "no class sub-folders"),
+        (["--src", "fashion-mnist", "--out", "/nonexistent/dir/x.beton"], "does not exist"),
+        (["--src", "fashion-mnist", "--jpeg-quality", "0"], "--jpeg-quality must be in [1, 100]"),
+        (["--src", "fashion-mnist", "--compress-prob", "1.5"], "--compress-prob must be in [0, 1]"),
+        (["--src", "fashion-mnist", "--max-res", "4"], "--max-res must be at least 8"),
+        (["--src", "fashion-mnist", "--workers", "0"], "--workers must be at least 1"),
+        (["--src", "CORPUS", "--split", "test"], "--split applies only"),
+    ],
+)
+def test_converter_rejects_bad_input_with_one_line(args, message, photo_corpus, tmp_path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    args = [{"EMPTY": str(tmp_path / "empty"), "CORPUS": photo_corpus}.get(a, a) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "x.beton")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "x.beton").exists()
+
+
+def test_converter_limits_resolution_to_512_by_default(photo_corpus: str, tmp_path) -> None:
+    from ffcv.reader import Reader
+
+    source = sorted(Path(photo_corpus).glob("*/*"))[0]
+    big = tmp_path / "src" / "class_a"
+    big.mkdir(parents=True)
+    Image.open(source).convert("RGB").resize((900, 700)).save(big / "big.JPEG", quality=90)
+    out = tmp_path / "big.beton"
+    assert main(["--src", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]) == 0
+    image = Reader(str(out)).metadata["f0"][0]  # fields by position: image, label
+    assert max(image["width"], image["height"]) == 512
+    assert main(["--src", str(tmp_path / "src"), "--out", str(out), "--workers", "1", "--max-res", "0"]) == 0
+    image = Reader(str(out)).metadata["f0"][0]
+    assert (image["width"], image["height"]) == (900, 700)
+
+
+class _FailsAt:
+    """Real photos, but sample `bad` raises in the writer's worker (a mid-write failure)."""
+
+    def __init__(self, samples, bad: int) -> None:
+        self.images, self.bad = FolderImages(samples, 64), bad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        if index == self.bad:
+            raise OSError("simulated read failure")
+        return self.images[index]
+
+
+@pytest.mark.timeout(60)
+def test_failed_conversion_leaves_no_output(photo_corpus: str, tmp_path) -> None:
+    from ffcv.fields import RGBImageField
+
+    samples = scan_image_folder(photo_corpus).samples[:40]
+    out = tmp_path / "out.beton"
+    with pytest.raises(ConversionError, match="writer worker exited"), new_progress() as progress:
+        write_beton(_FailsAt(samples, bad=30), out, RGBImageField(write_mode="jpg"), workers=2, progress=progress)
+    assert os.listdir(tmp_path) == []  # neither the .beton nor the temp file
+
+
+def test_interrupted_conversion_leaves_no_output(photo_corpus: str, tmp_path, monkeypatch) -> None:
+    from ffcv.fields import RGBImageField
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    samples = scan_image_folder(photo_corpus).samples[:40]
+    with pytest.raises(KeyboardInterrupt), new_progress() as progress:
+        monkeypatch.setattr(progress, "advance", interrupt)
+        write_beton(FolderImages(samples, 64), tmp_path / "out.beton", RGBImageField(), workers=2, progress=progress)
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------- a converter subprocess
 
 
 @dataclass
 class Conversion:
-    """`python -m datasets.ffcv_convert` in its own session, its stderr lines collected as they come."""
+    """`python -m datasources.ffcv_convert` in its own session, its stderr lines collected as they come."""
 
     process: subprocess.Popen
     lines: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, *args: str) -> Conversion:
-        process = subprocess.Popen([sys.executable, "-m", "datasets.ffcv_convert", *args], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "datasources.ffcv_convert", *args], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         run = cls(process)
         threading.Thread(target=lambda: run.lines.extend(process.stderr), daemon=True).start()
@@ -195,7 +309,7 @@ def test_files_unreadable_at_write_time_are_skipped_and_counted(photo_corpus, tm
     conversion (a writer worker died on them)."""
     from ffcv.reader import Reader
 
-    import datasets.ffcv_convert as convert
+    import datasources.ffcv_convert as convert
 
     files = _copy_corpus(photo_corpus, tmp_path / "src")
     corrupt, removed = files[1], files[4]
@@ -291,7 +405,7 @@ def test_very_wide_image_converts(tmp_path, capfd) -> None:
 def test_beton_header_matches_ffcv() -> None:
     from ffcv.types import CURRENT_VERSION, HeaderType
 
-    from datasets.ffcv_convert import BETON_VERSION
+    from datasources.ffcv_convert import BETON_VERSION
 
     assert HeaderType == BETON_HEADER and BETON_VERSION == CURRENT_VERSION
 
