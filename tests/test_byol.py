@@ -1,30 +1,15 @@
-"""BYOL loss, gradients, target isolation, EMA and schedules against hand computations."""
+"""models/byol.py: the BYOL loss, its gradients, target isolation, per-view BN and the EMA against hand
+computations (the schedules: test_schedules.py; the backbones: test_backbones.py)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn as nn
-import torchvision
+from tiny_models import tiny_byol
 
-from models.backbones import build_backbone
-from models.byol import BYOL, byol_loss, ema_update_
+from models.byol import byol_loss, ema_update_
 from optim.factory import build_optimizer
-from optim.schedules import lr_at, scaled_lr, tau_at, warmup_steps
-
-
-def tiny_encoder() -> tuple[nn.Module, int]:
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return net, 8
-
-
-def tiny_byol(bn_per_view: bool = True) -> BYOL:
-    torch.manual_seed(0)
-    encoder, dim = tiny_encoder()
-    return BYOL(encoder, dim, hidden_dim=16, proj_dim=4, bn_per_view=bn_per_view)
+from optim.schedules import tau_at
 
 
 def test_loss_value_matches_hand_computation():
@@ -82,23 +67,6 @@ def test_ema_update_follows_tau_formula():
     assert len(target) == len(list(byol.target.parameters()))
 
 
-def test_tau_schedule_hand_values():
-    assert tau_at(0, 100, 0.99) == pytest.approx(0.99)
-    assert tau_at(100, 100, 0.99) == pytest.approx(1.0)
-    assert tau_at(50, 100, 0.99) == pytest.approx(1 - 0.01 * 0.5)
-    assert tau_at(25, 100, 0.996) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
-
-
-def test_lr_schedule_warmup_then_cosine():
-    peak = scaled_lr(0.45, 512)
-    assert peak == pytest.approx(0.9)
-    assert lr_at(0, 1000, peak, 100) == 0.0
-    assert lr_at(50, 1000, peak, 100) == pytest.approx(0.45)
-    assert lr_at(100, 1000, peak, 100) == pytest.approx(peak)
-    assert lr_at(550, 1000, peak, 100) == pytest.approx(peak / 2)
-    assert lr_at(1000, 1000, peak, 100) == pytest.approx(0.0, abs=1e-12)
-
-
 @pytest.mark.parametrize("bn_per_view", [True, False])
 def test_bn_statistics_per_view_or_concatenated(bn_per_view):
     byol = tiny_byol(bn_per_view)
@@ -110,56 +78,3 @@ def test_bn_statistics_per_view_or_concatenated(bn_per_view):
     assert not torch.allclose(alone, together)
 
 
-@pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet50", 2048)])
-def test_backbone_features_and_torchvision_compatible_weights(arch, dim):
-    encoder, feature_dim = build_backbone(arch)
-    assert feature_dim == dim
-    assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, dim)
-    missing, unexpected = getattr(torchvision.models, arch)().load_state_dict(encoder.state_dict(), strict=False)
-    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
-
-
-def test_small_image_stem_keeps_resolution():
-    encoder, _ = build_backbone("resnet18", small_images=True)
-    assert encoder.conv1.stride == (1, 1) and encoder.conv1.kernel_size == (3, 3)
-    assert isinstance(encoder.maxpool, nn.Identity)
-    assert encoder(torch.randn(2, 3, 28, 28)).shape == (2, 512)
-    with pytest.raises(ValueError, match="unknown --arch"):
-        build_backbone("vit")
-
-
-@pytest.mark.parametrize("arch,widths,dim", [("resnet18", (16, 32, 64, 128), 128), ("resnet50", (8, 16, 32, 64), 256)])
-def test_width_scales_every_stage_and_reloads(arch, widths, dim):
-    encoder, feature_dim = build_backbone(arch, small_images=True, width=widths[0])
-    assert feature_dim == dim and encoder.conv1.out_channels == encoder.bn1.num_features == widths[0]
-    expansion = 4 if arch == "resnet50" else 1
-    for stage, width in zip((encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4), widths, strict=True):
-        assert stage[-1].bn1.num_features == width and stage[-1].conv1.in_channels == width * expansion
-    assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, dim)
-    same, _ = build_backbone(arch, small_images=True, width=widths[0])
-    same.load_state_dict(encoder.state_dict(), strict=True)  # a matching model takes the weights as they are
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        build_backbone(arch, small_images=True)[0].load_state_dict(encoder.state_dict(), strict=False)
-
-
-def test_default_width_is_torchvisions_network():
-    torch.manual_seed(0)
-    ours = build_backbone("resnet50")[0]
-    torch.manual_seed(0)
-    reference = torchvision.models.resnet50()
-    reference.fc = nn.Identity()
-    assert ours.state_dict().keys() == reference.state_dict().keys()
-    for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # same initialisation, draw for draw
-
-
-def test_short_run_warms_up_a_tenth_then_anneals_to_zero():
-    # 5 epochs of 100 steps with the recipe's 10 warmup epochs: the warmup is capped at 50 steps.
-    total = 500
-    warmup = warmup_steps(total, steps_per_epoch=100, warmup_epochs=10)
-    assert warmup == 50
-    lrs = [lr_at(step, total, 1.0, warmup) for step in range(total + 1)]
-    assert lrs[warmup] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
-    assert lrs[total - 1] < 1e-4 and lrs[total] == pytest.approx(0.0, abs=1e-12)
-    # A long run keeps the recipe's epochs: 10 of 300.
-    assert warmup_steps(300 * 100, steps_per_epoch=100, warmup_epochs=10) == 1000

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_evaluation import TinyEncoder, gray_set, needs_fashion_mnist
-from test_train_cli import TINY, run_train
+from eval_sets import gray_set, needs_fashion_mnist
+from tiny_models import TinyEncoder
+from train_runs import TINY, run_train
 
 from evaluation import FolderSet, Ranks, eval_splits, evaluate_encoder, gathered_features, knn_monitor
 from evaluation.distributed import interleave

@@ -6,18 +6,16 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
+from eval_sets import gray_set, needs_fashion_mnist
 from PIL import Image
+from tiny_models import TinyEncoder
 
-from datasources.fashion_mnist import FASHION_MNIST_DIR
 from evaluation import ArraySet, evaluate_encoder, extract_features, knn_predict, linear_probe, pixel_features
 from evaluation.__main__ import load_encoder, main
 from evaluation.data import eval_splits
 from evaluation.features import prepare
 from models.backbones import build_backbone
 from pipelines.views import BYOL_VIEWS
-
-needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed")
 
 
 def unit(degrees: float, length: float = 1.0) -> list[float]:
@@ -84,23 +82,6 @@ def test_raw_pixel_probe_on_fashion_mnist_subset() -> None:
     train, test = (split.limit(2000) for split in eval_splits("fashion-mnist"))
     top1 = linear_probe(*pixel_features(train), *pixel_features(test), train.num_classes, weight_decays=(1e-3,)).top1
     assert 0.76 <= top1 <= 0.86
-
-
-class TinyEncoder(nn.Module):
-    """conv -> BN -> global mean: small enough to check by hand."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x)).mean(dim=(2, 3))
-
-
-def gray_set(n: int = 10, side: int = 12) -> ArraySet:
-    g = torch.Generator().manual_seed(0)
-    return ArraySet(torch.randint(0, 256, (n, side, side), dtype=torch.uint8, generator=g), torch.arange(n) % 2, 2)
 
 
 def test_extract_features_uses_running_stats_without_grad_and_restores_mode() -> None:

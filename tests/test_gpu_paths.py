@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from loader_contract import LoaderContract
-from test_distributed import trajectory
-from test_ffcv import FfcvContract
-from test_lars import make_grads, make_params, reference_lars_step
-from test_step import fixed_views, make_step
-from test_train_resume import RUN, final_state, tensors
+from ddp_trajectory import trajectory
+from lars_reference import make_grads, make_params, reference_lars_step
+from loader_contract import FfcvContract, LoaderContract
+from step_inputs import fixed_views, make_step
+from train_runs import RUN, final_state, tensors
 
 from optim.lars import LARS
 from runtime.distributed import RENDEZVOUS_FILE, World, launch

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from host_sync import HostSyncRecorder, assert_no_host_sync
-from test_step import fixed_views, make_step
+from step_inputs import fixed_views, make_step
 
 from models.byol import ema_update_
 from optim.lars import LARS

@@ -1,9 +1,9 @@
-"""Run safety and honest console output: signals to the process group, one run per --out, temp files of
-killed writers, resumes that cannot work, impossible batches, unwritable --out, out-of-range floats."""
+"""Run safety and honest console output: signals to the process group, a second run on a busy --out,
+resumes that cannot work, impossible batches, unwritable --out, out-of-range floats (the --out lock and
+the temp files of killed writers on their own: test_outdir.py)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import runtime.outdir
 import runtime.preflight
 import train
-from config import TrainConfig
 from runtime.checkpoint import CheckpointDir, load_checkpoint
-from runtime.outdir import OutLock, claim_out
+from runtime.outdir import OutLock
 
 TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--width", "8", "--res", "8",
         "--batch-size", "8", "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
@@ -116,56 +114,6 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
         first.wait(timeout=TIMEOUT)
     with OutLock(out):  # the OS released the dead run's lock
         pass
-
-
-def test_only_the_launching_process_or_rank_0_takes_the_lock(tmp_path, monkeypatch):
-    cfg = TrainConfig(out=str(tmp_path), resume=True)
-    with OutLock(tmp_path):  # another run holds --out
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("LOCAL_RANK", "1")
-        monkeypatch.setenv("RANK", "1")
-        claim_out(cfg).close()  # a non-zero torchrun rank does not lock
-        monkeypatch.setenv("RANK", "0")
-        with pytest.raises(ValueError, match="is in use by another run"):
-            claim_out(cfg)
-
-
-def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
-    def no_locks(fd: int, operation: int) -> None:
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-
-    monkeypatch.setattr(runtime.outdir.fcntl, "flock", no_locks)
-    with OutLock(tmp_path):
-        pass
-    assert "its file system cannot lock files" in capsys.readouterr().err
-
-
-# 3. Temp files of killed checkpoint writers.
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_opening_out_removes_dead_writers_temp_files_only(tmp_path):
-    folder = tmp_path / "checkpoints"
-    CheckpointDir(folder, keep=3).save(1, {"step": 1})
-    # A writer killed mid-write, through atomic_write's own temp naming.
-    script = ("import os, sys; from pathlib import Path; from runtime.checkpoint import temp_path; "
-              "temp_path(Path(sys.argv[1])).write_bytes(b'x' * 1000); os._exit(9)")
-    subprocess.run([sys.executable, "-c", script, str(folder / "ckpt-000000002.pt")], check=False, timeout=TIMEOUT)
-    [killed] = [p for p in folder.iterdir() if ".tmp-" in p.name]
-    host, pid = socket.gethostname(), dead_pid()
-    legacy = folder / f".ckpt-000000003.pt.tmp-{pid}"  # named before the host was added
-    live = folder / f".ckpt-000000004.pt.tmp-{host}-{os.getpid()}"
-    elsewhere = folder / f".ckpt-000000005.pt.tmp-{host}x-{pid}"  # another machine on a shared disk
-    exported = tmp_path / f".backbone.pt.tmp-{host}-{pid}"
-    for path in (legacy, live, elsewhere, exported):
-        path.write_bytes(b"x")
-    claim_out(TrainConfig(out=str(tmp_path), resume=True)).close()
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["ckpt-000000001.pt", live.name, elsewhere.name])
-    assert not killed.exists() and not exported.exists()
 
 
 # 10. Resuming with options that change the saved tensors.

@@ -5,24 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_byol import tiny_byol
+from step_inputs import fixed_views, make_step
 
 import models.step
-from models.step import ByolStep, step_precision, view_dtype
-from optim.factory import build_optimizer
-
-
-def fixed_views(batch: int = 16, res: int = 8, device: str = "cpu"):
-    gen = torch.Generator().manual_seed(3)
-    v1 = torch.randn(batch, 3, res, res, generator=gen)
-    v2 = v1 + 0.3 * torch.randn(batch, 3, res, res, generator=gen)
-    return (v.to(device).contiguous(memory_format=torch.channels_last) for v in (v1, v2))
-
-
-def make_step(compile: bool, device: str = "cpu", precision: str = "fp32") -> ByolStep:
-    byol = tiny_byol().to(device, memory_format=torch.channels_last)
-    opt = build_optimizer("lars", byol.online.parameters(), lr=1.0, weight_decay=1e-6, device=device)
-    return ByolStep(byol, opt, torch.device(device), precision=precision, compile=compile)
+from models.step import step_precision, view_dtype
 
 
 @pytest.mark.slow

@@ -1,30 +1,23 @@
-"""train.py end to end on CPU (synthetic loader), its outputs, config files and up-front argument errors."""
+"""train.py end to end on CPU (synthetic loader), its outputs, and its up-front one-line errors for bad
+arguments and config files (config.py on its own: test_config.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision.models as tvm
+from train_runs import TINY, run_train
 
 import runtime.preflight
 import train
-from config import TrainConfig, build_parser, config_from_args, parse_config
+from config import parse_config
 from runtime.checkpoint import CheckpointDir, load_checkpoint
-
-TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--batch-size", "8", "--no-compile",
-        "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
-
-
-def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -157,48 +150,9 @@ def test_existing_checkpoints_need_resume(capsys, tmp_path):
     assert "pass --resume" in main_error(capsys, *TINY, "--out", str(tmp_path))
 
 
-def test_config_defaults_follow_the_recipe():
-    cfg = config_from_args(build_parser().parse_args(["--epochs", "1000"])).resolved()
-    assert (cfg.base_lr, cfg.weight_decay, cfg.tau_base) == (0.2, 1.5e-6, 0.996)
-    short = TrainConfig(epochs=40).resolved()
-    assert (short.base_lr, short.weight_decay, short.tau_base, short.eta) == (0.45, 1e-6, 0.97, 1e-3)
-    assert short.small_images is False and short.blur is True
-    # Small images take solo-learn's CIFAR recipe: no blur, lr 1.0, wd 1e-5, eta 0.02, tau 0.99.
-    small = TrainConfig(epochs=40, res=28).resolved()
-    assert (small.base_lr, small.weight_decay, small.tau_base, small.eta) == (1.0, 1e-5, 0.99, 0.02)
-    assert small.small_images is True and small.blur is False
-    # Each stays overridable, and an explicit --no-small-images gives the ImageNet recipe at any size.
-    assert TrainConfig(res=28, blur=True, eta=0.01).resolved().blur is True
-    assert TrainConfig(res=28, small_images=False).resolved().base_lr == 0.45
-    assert TrainConfig().jitter == "official" and parse_config(["--jitter", "torchvision"]).jitter == "torchvision"
-    assert build_parser().parse_args(["--no-compile"]).compile is False
-
-
-def test_defaults_follow_the_machine_and_the_data(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu = TrainConfig().resolved()
-    # A real loader, never synthetic: DALI (installed here; its CPU mode) for folders and built-ins.
-    assert cpu.loader == "dali" and TrainConfig(data="x.beton").resolved().loader == "ffcv"
-    assert cpu.compile is False  # compiling takes minutes on a few cores
-    cores = len(os.sched_getaffinity(0))
-    assert cpu.workers == cores and TrainConfig(processes=2).resolved().workers == max(1, cores // 2)
-    assert TrainConfig(loader="torchvision", workers=1, compile=True).resolved().workers == 1
-
-
 def test_synthetic_loader_warns_that_it_ignores_data(capsys, tmp_path):
     assert train.main([*TINY, "--res", "8", "--steps", "1", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
     assert "--loader synthetic makes random views on the device and ignores --data" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
-def test_config_file_then_command_line(tmp_path, suffix):
-    body = ('arch = "resnet34"\nbatch-size = 512\nbase_lr = 1\ncompile = false\n' if suffix == ".toml"
-            else "arch: resnet34\nbatch-size: 512\nbase_lr: 1\ncompile: false\n")
-    path = tmp_path / f"run{suffix}"
-    path.write_text(body)
-    cfg = parse_config(["--config", str(path), "--batch-size", "1024"])
-    assert (cfg.arch, cfg.batch_size, cfg.base_lr, cfg.compile) == ("resnet34", 1024, 1.0, False)
-    assert isinstance(cfg.base_lr, float)
 
 
 @pytest.mark.parametrize(("body", "expected"), [

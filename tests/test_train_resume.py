@@ -13,16 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_runs import RUN, STEPS, final_state, tensors
 
 from datasources.ffcv_convert import main as ffcv_convert
-from runtime.checkpoint import CheckpointDir, load_checkpoint
-
-STEPS = 8
-RUN = ("train.py", "--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--res", "8", "--batch-size", "8",
-       "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0", "--deterministic",
-       "--steps", str(STEPS), "--log-every", "2",
-       # Save at every log point, so the interrupted run leaves several checkpoints behind.
-       "--checkpoint-minutes", "1e-6")
+from runtime.checkpoint import CheckpointDir
 
 
 def train(out: Path, *extra: str, run: tuple[str, ...] = RUN) -> subprocess.CompletedProcess:
@@ -61,10 +55,6 @@ def runs(tmp_path_factory) -> dict:
             "checkpoints_after_kill": before, "resumed": resumed}
 
 
-def final_state(out: Path) -> dict:
-    return load_checkpoint(CheckpointDir(out / "checkpoints", keep=3).paths()[0])
-
-
 def differing_tensors(out_a: Path, out_b: Path) -> list[str]:
     """Names of the weights, target weights and optimizer tensors that differ between two runs' last
     checkpoints (both must hold the same, non-trivial set)."""
@@ -72,13 +62,6 @@ def differing_tensors(out_a: Path, out_b: Path) -> list[str]:
             for state in (final_state(out_a), final_state(out_b)))
     assert a.keys() == b.keys() and len(a) > 100
     return [k for k in a if not torch.equal(a[k], b[k])]
-
-
-def tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
-    return {k: v for key, value in items for k, v in tensors(value, f"{prefix}/{key}").items()}
 
 
 @pytest.mark.slow

@@ -1,0 +1,39 @@
+"""Small train.py runs on CPU (synthetic loader) and reading what they leave behind: the tiny command
+line and a subprocess runner, the deterministic run the resume tests repeat, its last checkpoint,
+and a checkpoint flattened to named tensors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from runtime.checkpoint import CheckpointDir, load_checkpoint
+
+TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--batch-size", "8", "--no-compile",
+        "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
+
+
+def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=timeout)
+
+
+STEPS = 8
+RUN = ("train.py", "--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--res", "8", "--batch-size", "8",
+       "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0", "--deterministic",
+       "--steps", str(STEPS), "--log-every", "2",
+       # Save at every log point, so the interrupted run leaves several checkpoints behind.
+       "--checkpoint-minutes", "1e-6")
+
+
+def final_state(out: Path) -> dict:
+    return load_checkpoint(CheckpointDir(out / "checkpoints", keep=3).paths()[0])
+
+
+def tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    return {k: v for key, value in items for k, v in tensors(value, f"{prefix}/{key}").items()}
