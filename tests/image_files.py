@@ -46,3 +46,12 @@ def misnamed_folder(root: Path) -> dict[str, Path]:
 
 def gray16_png(path: Path) -> None:
     Image.fromarray(np.linspace(0, 65535, 24 * 40).reshape(24, 40).astype(np.uint16)).save(path)
+
+
+def class_folders(root: Path, names: list[str], per_class: int = 3) -> str:
+    """Class folders of flat-colour 16x16 PNGs whose colour is set by the class name's position in sorted `names`."""
+    for label, name in enumerate(sorted(names)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (200 * (label % 2), 100 * (label // 2), 20 * i)).save(root / name / f"{i}.png")
+    return str(root)

@@ -1,13 +1,19 @@
-"""Process-wide kernel settings: fast by default, reproducible (and CUDA-safe) with --deterministic."""
+"""Process-wide kernel settings: fast by default, reproducible (and CUDA-safe) with --deterministic; no
+CUDA-runtime warning from a CPU compile."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from runtime.backends import CUBLAS_DETERMINISTIC_WORKSPACE, configure_backends
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -57,3 +63,13 @@ def test_deterministic_matmul_runs_on_cuda(restore_backends):
     configure_backends(deterministic=True)
     a = torch.randn(64, 64, device="cuda")
     torch.testing.assert_close(a @ a, a @ a, rtol=0, atol=0)
+
+
+def test_cpu_compile_does_not_warn_about_a_missing_cuda_runtime() -> None:
+    """torch.utils.cpp_extension (imported by torch.compile's C++ backend) warned on every CPU run."""
+    script = ("from runtime.backends import configure_backends\n"
+              "configure_backends(deterministic=False)\n"
+              "import torch.utils.cpp_extension\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "No CUDA runtime" not in proc.stderr

@@ -1,4 +1,5 @@
-"""kNN monitor, linear probe, frozen feature extraction and the evaluation CLI."""
+"""kNN monitor, linear probe, frozen feature extraction and the evaluation CLI (evaluation/__init__.py,
+knn.py, linear_probe.py, features.py, __main__.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import pytest
 import torch
 from eval_sets import gray_set, needs_fashion_mnist
+from image_files import class_folders
 from PIL import Image
 from tiny_models import TinyEncoder
 
@@ -167,26 +169,9 @@ def test_cli_checkpoint_that_is_not_a_backbone_is_one_line(tmp_path, capsys, mak
     assert err.count("\n") == 1 and str(path) in err and what in err
 
 
-def _class_folders(root, names: list[str], per_class: int = 3) -> str:
-    """Flat-colour PNGs whose colour is set by the class name's position in sorted `names`."""
-    for label, name in enumerate(sorted(names)):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (16, 16), (200 * (label % 2), 100 * (label // 2), 20 * i)).save(root / name / f"{i}.png")
-    return str(root)
-
-
-def test_val_classes_are_matched_by_name(tmp_path) -> None:
-    train = _class_folders(tmp_path / "train", ["cat", "dog", "fox"])
-    (tmp_path / "val").mkdir()
-    val = _class_folders(tmp_path / "val", ["fox"])  # one class: by position it would be label 0 ("cat")
-    train_set, val_set = eval_splits(train, val, workers=0)
-    assert val_set.num_classes == 3 and val_set.labels.tolist() == [2, 2, 2]
-
-
 def test_val_classes_the_training_data_lacks_are_refused_in_one_line(tmp_path, capsys) -> None:
-    train = _class_folders(tmp_path / "train", ["n01", "n02"])
-    val = _class_folders(tmp_path / "val", ["0", "1"])
+    train = class_folders(tmp_path / "train", ["n01", "n02"])
+    val = class_folders(tmp_path / "val", ["0", "1"])
     assert main(["--data", train, "--val-data", val]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("evaluation: error: --val-data " + val)
@@ -194,7 +179,7 @@ def test_val_classes_the_training_data_lacks_are_refused_in_one_line(tmp_path, c
 
 
 def test_cli_prints_the_k_it_used(tmp_path, capsys) -> None:
-    data = _class_folders(tmp_path / "train", ["a", "b"], per_class=4)
+    data = class_folders(tmp_path / "train", ["a", "b"], per_class=4)
     assert main(["--data", data, "--val-data", data, "--arch", "resnet18", "--width", "8", "--res", "16",
                  "--k", "200", "--device", "cpu"]) == 0
     assert "kNN (k=8) top-1" in capsys.readouterr().out
@@ -209,44 +194,3 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
     assert "not a backbone state dict" in capsys.readouterr().err
     assert main(["--data", str(tmp_path)]) == 2
     assert "--val-data" in capsys.readouterr().err
-
-
-def test_limits_keep_evenly_spaced_samples(tmp_path) -> None:
-    data = gray_set(n=10)
-    assert data.limit(4).labels.tolist() == data.labels[[0, 3, 6, 9]].tolist()
-    assert data.limit(None) is data and data.limit(50) is data
-    for label in range(2):
-        (tmp_path / f"class_{label}").mkdir()
-        for i in range(3):
-            Image.new("RGB", (40, 30), (80 * i, 100 * label, 0)).save(tmp_path / f"class_{label}" / f"{i}.png")
-    train, test = eval_splits(str(tmp_path), str(tmp_path), train_limit=3)
-    assert len(train) == 3 and len(test) == 6
-    assert [label for _, label in train.samples] == [0, 0, 1]  # linspace(0, 5, 3) -> 0, 2, 5
-    train.workers = 0
-    (images, labels), = list(train.batches(8, res=8))
-    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 1]
-    assert images[2, 1].float().mean().item() == pytest.approx(100, abs=1)  # green channel of class 1
-
-
-def test_folder_workers_leave_stop_signals_to_the_main_process(tmp_path, monkeypatch) -> None:
-    """A SIGTERM to the process group must not kill the evaluation's decode workers under the trainer:
-    each worker ignores SIGTERM and SIGINT (read inside real worker processes), and there are as many
-    workers as usable cores by default."""
-    import os
-    import signal
-
-    import evaluation.data as data
-
-    train, _ = eval_splits(_class_folders(tmp_path / "train", ["a", "b"], per_class=2),
-                           _class_folders(tmp_path / "val", ["a", "b"], per_class=1))
-    assert train.workers == len(os.sched_getaffinity(0))
-
-    def handlers_in_worker(self, i: int) -> tuple[torch.Tensor, int, str]:
-        ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT))
-        return torch.zeros(3, 8, 8), int(ignored), ""
-
-    monkeypatch.setattr(data._CenterCropped, "__getitem__", handlers_in_worker)
-    train.workers = 2
-    labels = torch.cat([labels for _, labels in train.batches(batch_size=2, res=8)])
-    assert labels.tolist() == [1, 1, 1, 1]
-    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the main process still stops on it
