@@ -1,4 +1,5 @@
-"""runtime/checkpoint.py: atomic checksummed files, corrupt-file fallback, keep-last-K, RNG states, export."""
+"""runtime/checkpoint.py: atomic checksummed files, corrupt-file fallback, keep-last-K, RNG states, export, and
+the run's save cadence and clock (RunCheckpointer)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import numpy as np
 import pytest
 import torch
 import torchvision.models as tvm
+from tiny_models import tiny_byol
 
 from models.backbones import build_backbone
 from optim.factory import build_optimizer
 from runtime.checkpoint import (
     CheckpointDir,
     CorruptCheckpoint,
+    Diverged,
+    RunCheckpointer,
     export_backbone,
     load_checkpoint,
     rng_state,
+    run_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
+from runtime.distributed import World
 
 
 @pytest.fixture
@@ -103,3 +109,44 @@ def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(tmp_path)
     weights = torch.load(tmp_path / "backbone.pt", weights_only=True)
     result = tvm.resnet18().load_state_dict(weights, strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+
+
+ONE_PROCESS = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
+
+
+def _checkpointer(tmp_path, byol, **cadence):
+    optimizer = build_optimizer("sgd", byol.online.parameters(), lr=0.1, weight_decay=0.0)
+    return RunCheckpointer(run_checkpoints(tmp_path, keep=2), ONE_PROCESS, byol, optimizer, None,
+                           steps_per_epoch=4, config={"arch": "tiny"}, **cadence)
+
+
+def test_run_checkpointer_saves_on_its_cadence_and_carries_the_clock(tmp_path, monkeypatch):
+    import runtime.checkpoint as checkpoint
+
+
+    now = [1000.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now[0])
+    saver = _checkpointer(tmp_path, tiny_byol(), every_epochs=2, every_minutes=1.5, elapsed_before=30.0)
+    assert [saver.epoch_due(epoch) for epoch in range(4)] == [False, True, False, True]
+    now[0] += 89
+    assert not saver.time_due() and saver.elapsed_s() == 119.0
+    now[0] += 1  # 90 s = 1.5 minutes since the start
+    assert saver.time_due()
+    saver.save(step=6)
+    assert not saver.time_due()  # the clock for the next time-based save restarts at a save
+    [path] = run_checkpoints(tmp_path, keep=2).paths()
+    state = load_checkpoint(path)
+    assert (path.name, state["step"], state["epoch"], state["steps_into_epoch"]) == ("ckpt-000000006.pt", 6, 1, 2)
+    assert state["elapsed_s"] == 120.0 and state["config"] == {"arch": "tiny"} and len(state["rng"]) == 1
+    off = _checkpointer(tmp_path, tiny_byol(), every_epochs=0, every_minutes=0)
+    now[0] += 10_000
+    assert not off.epoch_due(1) and not off.time_due()
+
+
+def test_run_checkpointer_refuses_non_finite_weights(tmp_path):
+    byol = tiny_byol()
+    with torch.no_grad():
+        next(byol.online.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(Diverged, match="non-finite at step 3"):
+        _checkpointer(tmp_path, byol, every_epochs=1, every_minutes=0).save(step=3)
+    assert not run_checkpoints(tmp_path, keep=2).paths()

@@ -47,3 +47,27 @@ def test_config_file_then_command_line(tmp_path, suffix):
     cfg = parse_config(["--config", str(path), "--batch-size", "1024"])
     assert (cfg.arch, cfg.batch_size, cfg.base_lr, cfg.compile) == ("resnet34", 1024, 1.0, False)
     assert isinstance(cfg.base_lr, float)
+
+
+def test_choices_come_from_the_registries():
+    from models.backbones import ARCHS
+    from models.step import AUTOCAST_DTYPES
+    from optim.factory import OPTIMIZERS
+    from pipelines.registry import LOADER_MODULES
+    from pipelines.views import JITTER_MODES
+
+    choices = {action.dest: action.choices for action in build_parser()._actions}
+    assert choices["loader"] == tuple(LOADER_MODULES) and choices["arch"] == tuple(ARCHS)
+    assert choices["optimizer"] == tuple(OPTIMIZERS) and choices["precision"] == tuple(AUTOCAST_DTYPES)
+    assert choices["jitter"] == tuple(JITTER_MODES)
+
+
+def test_resume_rules_live_in_the_options():
+    from config import QUIET, REFUSED, options_on_resume
+
+    # What shapes the saved tensors (the networks and the optimizer state) cannot change on resume...
+    assert sorted(options_on_resume(REFUSED)) == ["arch", "hidden_dim", "optimizer", "proj_dim", "small_images",
+                                                  "width"]
+    # ...and where and how fast the run goes, and how often it logs, changes without a note.
+    assert sorted(options_on_resume(QUIET)) == ["compile", "device", "gpus", "log_every", "out", "processes",
+                                                "resume", "workers"]

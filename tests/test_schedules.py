@@ -36,3 +36,13 @@ def test_short_run_warms_up_a_tenth_then_anneals_to_zero():
     assert lrs[total - 1] < 1e-4 and lrs[total] == pytest.approx(0.0, abs=1e-12)
     # A long run keeps the recipe's epochs: 10 of 300.
     assert warmup_steps(300 * 100, steps_per_epoch=100, warmup_epochs=10) == 1000
+
+
+def test_schedule_is_the_run_s_lr_and_tau_by_hand():
+    from optim.schedules import Schedule
+
+    schedule = Schedule(total_steps=10, steps_per_epoch=5, peak_lr=2.0, warmup_steps=2, tau_base=0.9)
+    assert [schedule.lr(k) for k in (0, 1, 2)] == [0.0, 1.0, 2.0]  # linear warmup over 2 steps
+    assert schedule.lr(6) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # cosine: 4 of 8 steps
+    assert schedule.lr(10) == pytest.approx(0.0)
+    assert (schedule.tau(0), schedule.tau(10)) == (pytest.approx(0.9), pytest.approx(1.0))
