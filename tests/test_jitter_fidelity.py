@@ -42,6 +42,7 @@ from view_stats import JITTER_OPS, isolate_jitter, to_unit
 
 from pipelines.base import LoaderConfig, keep_torch_threads
 from pipelines.gpu_augment import ColourBasis, TwoViewAugment, hue_matrix
+from pipelines.registry import LOADER_MODULES
 from pipelines.views import BYOL_VIEWS, JITTER_MODES, ViewRecipe, ViewSpec
 
 pytestmark = pytest.mark.timeout(300)
@@ -243,7 +244,7 @@ def photo_folder(photo: np.ndarray, tmp_path_factory) -> str:
 
 def folder_views(module: str, folder: str, recipe: ViewRecipe, workers: int) -> torch.Tensor:
     cfg = LoaderConfig(folder, batch_size=64, recipe=recipe, workers=workers, drop_last=False)
-    loader = importlib.import_module(f"pipelines.{module}").build_loader(cfg)
+    loader = importlib.import_module(LOADER_MODULES[module]).build_loader(cfg)
     return torch.cat([to_unit(view, recipe) for view1, view2, _ in loader for view in (view1, view2)])
 
 
@@ -365,7 +366,7 @@ def _turned_orange(loader: str, spec: ViewSpec, folder: Path, monkeypatch) -> np
         shift = torch.full((1,), spec.hue, dtype=torch.float64)
         colour = hue_matrix(shift, ColourBasis.build(dtype=torch.float64))[0] @ (torch.tensor(ORANGE).double() / 255)
         return colour.clamp(0, 1).view(1, 3, 1, 1).expand(1, 3, RES, RES).numpy()
-    module = importlib.import_module(f"pipelines.{loader}")
+    module = importlib.import_module(LOADER_MODULES[loader])
     if loader == "dali":
         pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
         from nvidia.dali import fn
