@@ -465,7 +465,7 @@ def write_beton(dataset, out: str | os.PathLike, image_field, workers: int,
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
-    import pipelines.numba_runtime  # noqa: F401  (numba settings, before FFCV runs: see there)
+    import runtime.numba_runtime  # noqa: F401  (numba settings, before FFCV runs: see there)
 
     out = Path(out)
     hooks = _WriterHooks(progress, f"writing {out.name}")

@@ -9,7 +9,6 @@ Every loader yields `(view1, view2, labels)` per batch:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -88,18 +87,3 @@ def seed_from(*keys: int) -> int:
 
 class LoaderUnavailable(RuntimeError):
     """A loader's optional dependency is missing; the message says which extra to install."""
-
-
-@contextlib.contextmanager
-def keep_torch_threads() -> Iterator[None]:
-    """Undo changes to torch's intra-op thread count made inside the block.
-
-    ffcv calls torch.set_num_threads(1) when it is imported and sets it to its worker count when a
-    Loader is built and at every epoch; left alone, that silently makes the training step's CPU
-    ops single-threaded (ffcv's own decoding threads are numba's and are not affected).
-    """
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

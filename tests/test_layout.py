@@ -81,3 +81,19 @@ def test_the_old_converter_name_still_converts_and_names_the_new_one(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: python -m datasources.ffcv_convert" in result.stdout
     assert "note: the converter is now python -m datasources.ffcv_convert" in result.stderr
+
+
+# Data flows one way: datasources -> pipelines -> models/optim (the step); runtime and evaluation sit on top.
+MAY_NOT_IMPORT = {
+    "datasources": {"pipelines", "models", "optim", "evaluation", "config", "train"},
+    "pipelines": {"models", "optim", "evaluation", "config", "train"},
+    "models": {"datasources", "pipelines", "evaluation", "runtime", "config", "train"},
+    "optim": {"datasources", "pipelines", "models", "evaluation", "runtime", "config", "train"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(MAY_NOT_IMPORT))
+def test_imports_follow_the_data_flow(package):
+    upstream = {str(p.relative_to(REPO)): sorted(imports_of(p) & MAY_NOT_IMPORT[package])
+                for p in (REPO / package).rglob("*.py")}
+    assert not {k: v for k, v in upstream.items() if v}
