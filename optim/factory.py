@@ -5,7 +5,8 @@ r = eta ||p|| / (||g|| + wd ||p||)), `lamb` torch-optimizer's LAMB, `sgd` torch'
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch_optimizer
@@ -13,7 +14,35 @@ import torch_optimizer
 from optim.lars import LARS, PerParameterLARS
 from optim.param_groups import split_1d_params
 
-OPTIMIZERS = ("lars", "lars-loop", "torch-optimizer-lars", "lamb", "sgd")
+Groups = list[dict[str, Any]]
+
+
+def _lars(kind: type[LARS]) -> Callable[..., torch.optim.Optimizer]:
+    def build(groups: Groups, lr: float, weight_decay: float, momentum: float, eta: float,
+              device: torch.device | str) -> torch.optim.Optimizer:
+        # A device tensor lr lets the compiled step read the schedule without recompiling.
+        lr_tensor = torch.tensor(lr, dtype=torch.float32, device=device)
+        return kind(groups, lr=lr_tensor, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude_1d=False)
+    return build
+
+
+def _plain(groups: Groups) -> Groups:
+    """The groups without LARS's own `lars_adapt` key, which other optimizers would keep as an unknown option."""
+    return [{k: v for k, v in group.items() if k != "lars_adapt"} for group in groups]
+
+
+# name -> builder(groups, lr, weight_decay, momentum, eta, device): the one list of --optimizer choices.
+BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "lars": _lars(LARS),
+    "lars-loop": _lars(PerParameterLARS),
+    "torch-optimizer-lars": lambda groups, lr, weight_decay, momentum, eta, device: torch_optimizer.LARS(
+        _plain(groups), lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=eta),
+    "lamb": lambda groups, lr, weight_decay, momentum, eta, device: torch_optimizer.Lamb(
+        _plain(groups), lr=lr, weight_decay=weight_decay),
+    "sgd": lambda groups, lr, weight_decay, momentum, eta, device: torch.optim.SGD(
+        _plain(groups), lr=lr, momentum=momentum, weight_decay=weight_decay),
+}
+OPTIMIZERS = tuple(BUILDERS)
 
 
 def build_optimizer(
@@ -38,18 +67,7 @@ def build_optimizer(
     eta: the LARS trust coefficient (lars, lars-loop, and torch-optimizer-lars's trust_coefficient).
     device: where the parameters are (the lr tensor of lars and lars-loop goes there).
     """
+    if name not in BUILDERS:
+        raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     groups = split_1d_params([{"params": list(params)}])
-    if name in ("lars", "lars-loop"):
-        # A device tensor lr lets the compiled step read the schedule without recompiling.
-        lr_tensor = torch.tensor(lr, dtype=torch.float32, device=device)
-        kind = LARS if name == "lars" else PerParameterLARS
-        return kind(groups, lr=lr_tensor, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude_1d=False)
-    for group in groups:
-        group.pop("lars_adapt", None)
-    if name == "torch-optimizer-lars":
-        return torch_optimizer.LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=eta)
-    if name == "lamb":
-        return torch_optimizer.Lamb(groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return BUILDERS[name](groups, lr, weight_decay, momentum, eta, device)
