@@ -62,8 +62,6 @@ class ByolStep:
         compile: bool = True,
         online: nn.Module | None = None,
     ):
-        """See the class docstring (`online` is the module that runs the online network: DDP(byol.online) under
-        DDP)."""
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
         self.byol = byol
