@@ -68,7 +68,7 @@ class TrainConfig:
     data: str = option("fashion-mnist", "ImageFolder root, .beton file (ffcv), or built-in dataset name")
     gpus: int | None = option(None, "GPUs to train on, one process each (default: all visible GPUs, 0 on a "
                               "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead",
-                              on_resume=QUIET)
+                              bound=NOT_NEGATIVE, on_resume=QUIET)
     device: str | None = option(None, "shorthand for the hardware: cpu = --gpus 0, cuda = all visible GPUs",
                                 ("cpu", "cuda"), on_resume=QUIET)
     processes: int = option(1, "CPU processes (gloo DDP) when --gpus 0: exercises the distributed path without "

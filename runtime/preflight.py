@@ -41,7 +41,6 @@ def check(cfg: TrainConfig) -> int:
         _require(cfg.device != "cuda" or visible_gpus() > 0,
                  "--device cuda: no CUDA device is visible on this machine; use --device cpu")
         gpus = visible_gpus() if cfg.gpus is None else cfg.gpus
-        _require(gpus >= 0, f"--gpus must be >= 0, got {gpus}")
         _require(gpus <= visible_gpus(), f"--gpus {gpus}: only {visible_gpus()} GPU(s) visible on this machine")
         _require(gpus == 0 or cfg.processes == 1,
                  "--processes is for CPU runs (--gpus 0); with GPUs there is one process per GPU")
