@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from bad_files import write_bad_files
+from ffcv_betons import MAX_RES
 from PIL import Image
 
 from benchmark.make_corpus import TEST_CORPORA, TEST_CORPORA_ENV, make_corpus
+from datasources.ffcv_convert import main as ffcv_convert
 
 
 def _test_corpus(name: str, tmp_path_factory) -> str:
@@ -39,6 +41,14 @@ def dirty_corpus(tmp_path_factory) -> str:
     with Image.open(first) as sample:
         write_bad_files(root / "class_000", sample.convert("RGB"))
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def dirty_beton(dirty_corpus: str, tmp_path_factory) -> str:
+    """The dirty corpus as a .beton (longest side MAX_RES), converted once per session."""
+    out = str(tmp_path_factory.mktemp("beton") / "dirty.beton")
+    assert ffcv_convert(["--src", dirty_corpus, "--out", out, "--max-res", str(MAX_RES), "--workers", "2"]) == 0
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

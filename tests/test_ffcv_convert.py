@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bad_files import UNREADABLE
-from ffcv_betons import MAX_RES, dirty_beton_of
+from ffcv_betons import MAX_RES
 from PIL import Image
 
 from datasources.ffcv_convert import (
@@ -41,11 +41,6 @@ LOADING_LINE = "loading ffcv"
 # Long enough (60000 raw 28x28 images, ~20 s on 2 cores) that a signal sent once writing is under
 # way always lands mid-write.
 LONG_CONVERSION = ("--src", "fashion-mnist", "--workers", "2")
-
-
-@pytest.fixture(scope="module")
-def dirty_beton(dirty_corpus: str, tmp_path_factory) -> str:
-    return dirty_beton_of(dirty_corpus, tmp_path_factory)
 
 
 # ---------------------------------------------------------------- the converter's output and errors

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from ffcv_betons import MAX_RES, beton_config, dirty_beton_of, epoch_crops
+from ffcv_betons import MAX_RES, beton_config, epoch_crops
 from PIL import Image
 
 from datasources.imagefolder import scan_image_folder
@@ -31,11 +31,6 @@ JPEG_MAE_MAX = 16.0
 JPEG_MAE_MEAN = 6.0
 SHIFT_PX = 3
 SHIFT_ERROR_RATIO_MAX = 0.5
-
-
-@pytest.fixture(scope="module")
-def dirty_beton(dirty_corpus: str, tmp_path_factory) -> str:
-    return dirty_beton_of(dirty_corpus, tmp_path_factory)
 
 
 def test_decoder_scratch_fits_the_largest_single_image() -> None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from ffcv_betons import beton_config, dirty_beton_of, epoch_crops
+from ffcv_betons import beton_config, epoch_crops
 from loader_contract import FfcvContract
 
 from datasources.fashion_mnist import load_fashion_mnist
@@ -26,11 +26,6 @@ from pipelines.views import BYOL_VIEWS
 pytestmark = pytest.mark.timeout(180)
 
 FMNIST_LIMIT = 200
-
-
-@pytest.fixture(scope="module")
-def dirty_beton(dirty_corpus: str, tmp_path_factory) -> str:
-    return dirty_beton_of(dirty_corpus, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
