@@ -21,9 +21,7 @@ def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 STEPS = 8
-RUN = ("train.py", "--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--res", "8", "--batch-size", "8",
-       "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0", "--deterministic",
-       "--steps", str(STEPS), "--log-every", "2",
+RUN = ("train.py", *TINY, "--res", "8", "--deterministic", "--steps", str(STEPS), "--log-every", "2",
        # Save at every log point, so the interrupted run leaves several checkpoints behind.
        "--checkpoint-minutes", "1e-6")
 
