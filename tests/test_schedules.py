@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from optim.schedules import lr_at, scaled_lr, tau_at, warmup_steps
+from optim.schedules import Schedule, lr_at, scaled_lr, tau_at, warmup_steps
 
 
 def test_tau_schedule_hand_values():
@@ -39,8 +39,6 @@ def test_short_run_warms_up_a_tenth_then_anneals_to_zero():
 
 
 def test_schedule_is_the_run_s_lr_and_tau_by_hand():
-    from optim.schedules import Schedule
-
     schedule = Schedule(total_steps=10, steps_per_epoch=5, peak_lr=2.0, warmup_steps=2, tau_base=0.9)
     assert [schedule.lr(k) for k in (0, 1, 2)] == [0.0, 1.0, 2.0]  # linear warmup over 2 steps
     assert schedule.lr(6) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # cosine: 4 of 8 steps
