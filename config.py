@@ -36,6 +36,7 @@ class Bound:
 
 AT_LEAST_1 = Bound(lambda v: v >= 1, "at least 1")
 NOT_NEGATIVE = Bound(lambda v: v >= 0, ">= 0")
+ABOVE_0 = Bound(lambda v: v > 0, "above 0")
 
 # What a --resume may do with an option that differs from the checkpoint's: REFUSED for the options that
 # shape the saved tensors (the networks, the optimizer state: they cannot load), QUIET for where and how
@@ -94,12 +95,12 @@ class TrainConfig:
     optimizer: str = option("lars", "optimizer (lars-loop: the fused lars's formula one parameter at a time, "
                             "the reference; torch-optimizer-lars: the LARC formula)", OPTIMIZERS, on_resume=REFUSED)
     base_lr: float | None = option(None, "lr per 256 images (recipe: 0.2 @1000 ep, 0.3 @300, 0.45 @<=100; "
-                                   "small images: 1.0)", bound=Bound(lambda v: v > 0, "above 0"))
+                                   "small images: 1.0)", bound=ABOVE_0)
     weight_decay: float | None = option(None, "weight decay (recipe: 1.5e-6 @1000 ep, else 1e-6; small images: "
                                         "1e-5)", bound=Bound(lambda v: v >= 0, "0 or more"))
     momentum: float = option(0.9, "LARS momentum", bound=Bound(lambda v: 0 <= v < 1, "in [0, 1)"))
     eta: float | None = option(None, "LARS trust coefficient (recipe: 1e-3; small images: 0.02)",
-                               bound=Bound(lambda v: v > 0, "above 0"))
+                               bound=ABOVE_0)
     warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, at most a tenth of the run",
                                   bound=NOT_NEGATIVE)
     tau_base: float | None = option(None, "target EMA base (recipe: 0.996 @1000 ep, 0.99 @100-300, 0.97 @<=40; "
