@@ -140,9 +140,9 @@ def write_final_outputs(cfg: TrainConfig, world: World, byol: BYOL, eval_sets: t
             (out / "eval.json").write_text(json.dumps(scores, indent=1))
             display.message(f"final evaluation: {summary(scores)}")
     if world.is_main:
-        export_backbone(out / "backbone.pt", byol.online.encoder)
+        info = export_backbone(out / "backbone.pt", byol.online.encoder, cfg.to_dict())
         plotted = plot_metrics(out / "metrics.jsonl", out / "metrics.png")
-        display.message(f"done: {out / 'backbone.pt'} (torchvision {cfg.arch} state_dict), metrics.csv/.jsonl"
+        display.message(f"done: {out / 'backbone.pt'} ({info.how_to_load()}), metrics.csv/.jsonl"
                         + (", metrics.png" if plotted else "") + f" in {out}")
 
 

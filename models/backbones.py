@@ -46,6 +46,11 @@ def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
+def feature_dim(arch: str, width: int = DEFAULT_WIDTH) -> int:
+    """The encoder's output size: the last stage's channels, 8 * width times the block's expansion."""
+    return 8 * width * ARCHS[arch][0].expansion
+
+
 def build_backbone(arch: str, small_images: bool = False, width: int = DEFAULT_WIDTH) -> tuple[nn.Module, int]:
     """Return (encoder, feature_dim). The encoder maps (B, 3, H, W) to (B, feature_dim).
 
@@ -67,9 +72,8 @@ def build_backbone(arch: str, small_images: bool = False, width: int = DEFAULT_W
         raise ValueError(f"--width must be at least 1, got {width}")
     block, layers = ARCHS[arch]
     net = ScaledResNet(block, layers, width=width)
-    feature_dim = 8 * width * block.expansion  # the last stage's output channels
     net.fc = nn.Identity()
     if small_images:
         net.conv1 = _kaiming(nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False))
         net.maxpool = nn.Identity()
-    return net, feature_dim
+    return net, feature_dim(arch, width)

@@ -19,12 +19,15 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from runtime.distributed import World, gather_to_main
+
+if TYPE_CHECKING:
+    from models.export import BackboneInfo
 
 MAGIC = b"FBYOLCK1"
 DIGEST_BYTES = 32
@@ -172,9 +175,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def export_backbone(path: Path, encoder: torch.nn.Module) -> None:
-    """The encoder as a plain torchvision-compatible state_dict (loads into tvm.<arch>(), fc missing)."""
-    atomic_write(path, _serialize({k: v.detach().cpu() for k, v in encoder.state_dict().items()}))
+def export_backbone(path: Path, encoder: torch.nn.Module, config: dict[str, Any]) -> BackboneInfo:
+    """A run's encoder as `models.export`'s backbone file, described by the run's options (`TrainConfig.to_dict()`,
+    resolved); returns what the file says it is."""
+    # Imported here: models.export writes through this module's atomic_write, so a top-level import would loop.
+    from models.export import BackboneInfo, save_backbone
+
+    form = {"arch": config["arch"], "width": config["width"], "small_images": bool(config["small_images"]),
+            "res": config["res"]}
+    save_backbone(path, encoder, **form)
+    return BackboneInfo.of(**form)
 
 
 def training_state(

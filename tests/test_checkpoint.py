@@ -8,10 +8,10 @@ import random
 import numpy as np
 import pytest
 import torch
-import torchvision.models as tvm
 from tiny_models import tiny_byol
 
 from models.backbones import build_backbone
+from models.export import BackboneInfo, load_backbone
 from optim.factory import build_optimizer
 from runtime.checkpoint import (
     CheckpointDir,
@@ -103,12 +103,15 @@ def test_rng_state_restores_every_generator():
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 
 
-def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(tmp_path):
-    encoder, _ = build_backbone("resnet18", small_images=False)
-    export_backbone(tmp_path / "backbone.pt", encoder)
-    weights = torch.load(tmp_path / "backbone.pt", weights_only=True)
-    result = tvm.resnet18().load_state_dict(weights, strict=False)
-    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+def test_export_backbone_writes_the_runs_encoder_with_the_runs_form(tmp_path):
+    torch.manual_seed(0)
+    encoder, _ = build_backbone("resnet34", small_images=True, width=4)
+    config = {"arch": "resnet34", "width": 4, "small_images": True, "res": 32, "batch_size": 8}
+    info = export_backbone(tmp_path / "backbone.pt", encoder, config)
+    loaded, read = load_backbone(tmp_path / "backbone.pt")
+    assert info == read == BackboneInfo("resnet34", 4, True, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values(),
+                                                 strict=True))
 
 
 ONE_PROCESS = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))

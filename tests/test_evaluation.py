@@ -9,14 +9,14 @@ import pytest
 import torch
 from eval_sets import gray_set, needs_fashion_mnist
 from image_files import class_folders
-from PIL import Image
 from tiny_models import TinyEncoder
 
 from evaluation import ArraySet, evaluate_encoder, extract_features, knn_predict, linear_probe, pixel_features
-from evaluation.__main__ import load_encoder, main
+from evaluation.__main__ import main
 from evaluation.data import eval_splits
 from evaluation.features import prepare
 from models.backbones import build_backbone
+from models.export import save_backbone
 from pipelines.views import BYOL_VIEWS
 
 
@@ -127,46 +127,41 @@ def test_evaluate_encoder_reports_both_scores() -> None:
     assert scores["knn_top1"] == 1.0 and scores["linear_top1"] == 1.0
 
 
-def test_load_encoder_infers_stem_and_checks_arch(tmp_path) -> None:
-    encoder, _ = build_backbone("resnet18", small_images=True)
-    path = tmp_path / "backbone.pt"
-    torch.save(encoder.state_dict(), path)
-    loaded = load_encoder(str(path), "resnet18", small_images=False)  # the checkpoint's 3x3 stem wins
-    assert loaded.conv1.kernel_size == (3, 3)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values(),
-                                                 strict=True))
-    with pytest.raises(ValueError, match="is a resnet18 backbone, not --arch resnet34: pass --arch resnet18"):
-        load_encoder(str(path), "resnet34", small_images=True)
+def _export(path, arch: str = "resnet18", width: int = 8, res: int = 16) -> None:
+    torch.manual_seed(0)
+    save_backbone(path, build_backbone(arch, small_images=True, width=width)[0], arch=arch, width=width,
+                  small_images=True, res=res)
 
 
-@pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
-def test_cli_names_the_arch_a_backbone_has(tmp_path, capsys, arch) -> None:
-    path = tmp_path / "backbone.pt"
-    torch.save(build_backbone(arch, small_images=True, width=8)[0].state_dict(), path)
-    assert main(["--checkpoint", str(path), "--arch", "resnet18"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"is a {arch} backbone, not --arch resnet18: pass --arch {arch}" in err
-
-
-def _truncated(path) -> None:
-    torch.save(build_backbone("resnet18", small_images=True, width=8)[0].state_dict(), path)
-    path.write_bytes(path.read_bytes()[:2000])
-
-
-@pytest.mark.parametrize(("make", "what"), [
-    (lambda path: path.write_bytes(b""), "is empty (0 bytes)"),
-    (_truncated, "is a truncated PyTorch file"),
-    (lambda path: Image.new("RGB", (8, 8)).save(path, format="JPEG"), "is a JPEG image, not a checkpoint"),
-    (lambda path: path.write_text("step,loss\n1,0.5\n"), "is not a PyTorch checkpoint"),
-    (lambda path: torch.save(torch.zeros(3), path), "holds a Tensor, not a backbone state dict"),
-    (lambda path: torch.save({"online": {}, "step": 7}, path), "is a training checkpoint (step 7)"),
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--arch", "resnet34"], "is a resnet18 backbone of width 8, not --arch resnet34: pass --arch resnet18"),
+    (["--width", "64"], "not --width 64: pass --width 8 or leave it out"),
 ])
-def test_cli_checkpoint_that_is_not_a_backbone_is_one_line(tmp_path, capsys, make, what) -> None:
-    path = tmp_path / "backbone.pt"
-    make(path)
-    assert main(["--checkpoint", str(path)]) == 2
+def test_cli_flags_that_contradict_the_checkpoint_are_one_line(tmp_path, capsys, flags, expected) -> None:
+    _export(tmp_path / "backbone.pt")
+    assert main(["--checkpoint", str(tmp_path / "backbone.pt"), *flags]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(path) in err and what in err
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_cli_a_file_that_is_not_a_backbone_is_one_line_naming_the_flag(tmp_path, capsys) -> None:
+    (tmp_path / "backbone.pt").write_bytes(b"")  # every kind of bad file: tests/test_export.py
+    assert main(["--checkpoint", str(tmp_path / "backbone.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"evaluation: error: --checkpoint {tmp_path / 'backbone.pt'} is empty (0 bytes); " \
+                  "give the backbone.pt a run exported\n"
+
+
+def test_cli_needs_only_the_checkpoint_and_its_baseline_is_the_same_network(tmp_path, capsys) -> None:
+    data = class_folders(tmp_path / "train", ["a", "b"], per_class=4)
+    _export(tmp_path / "backbone.pt", width=4, res=16)
+    assert main(["--checkpoint", str(tmp_path / "backbone.pt"), "--data", data, "--val-data", data,
+                 "--baselines", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "resnet18 width 4 random init: kNN" in captured.out and "warning" not in captured.err
+    assert main(["--checkpoint", str(tmp_path / "backbone.pt"), "--data", data, "--val-data", data, "--res", "20",
+                 "--device", "cpu"]) == 0
+    assert "was trained at 16 px; evaluating at --res 20" in capsys.readouterr().err
 
 
 def test_val_classes_the_training_data_lacks_are_refused_in_one_line(tmp_path, capsys) -> None:
@@ -189,8 +184,5 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 2
-    torch.save({"weight": torch.zeros(2)}, tmp_path / "not_a_backbone.pt")
-    assert main(["--checkpoint", str(tmp_path / "not_a_backbone.pt")]) == 2
-    assert "not a backbone state dict" in capsys.readouterr().err
     assert main(["--data", str(tmp_path)]) == 2
     assert "--val-data" in capsys.readouterr().err

@@ -92,8 +92,13 @@ MAY_NOT_IMPORT = {
 }
 
 
+# File I/O beside the networks: the exported backbone writes through runtime's one atomic writer and names a
+# wrong file's kind with datasources' one image-signature table rather than keeping copies of either.
+MAY_IMPORT = {"models/export.py": {"runtime", "datasources"}}
+
+
 @pytest.mark.parametrize("package", sorted(MAY_NOT_IMPORT))
 def test_imports_follow_the_data_flow(package):
-    upstream = {str(p.relative_to(REPO)): sorted(imports_of(p) & MAY_NOT_IMPORT[package])
-                for p in (REPO / package).rglob("*.py")}
+    upstream = {name: sorted(imports_of(p) & MAY_NOT_IMPORT[package] - MAY_IMPORT.get(name, set()))
+                for p in (REPO / package).rglob("*.py") if (name := str(p.relative_to(REPO)))}
     assert not {k: v for k, v in upstream.items() if v}

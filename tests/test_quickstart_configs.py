@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from config import parse_config
-from evaluation.__main__ import load_encoder
 from models.backbones import DEFAULT_WIDTH
+from models.export import load_backbone
 from pipelines.registry import LOADER_MODULES, is_available
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion-mnist.toml"
@@ -65,5 +65,5 @@ def test_short_built_in_run_with_each_installed_loader(loader, cache_dir, tmp_pa
     assert "raw pixels" in result.stdout
     # The exported narrow backbone loads into a model of its own width (read from the file).
     cfg = parse_config(["--config", str(CONFIG)]).resolved()
-    encoder = load_encoder(str(tmp_path / "backbone.pt"), cfg.arch, cfg.small_images)
-    assert encoder.conv1.out_channels == cfg.width < DEFAULT_WIDTH
+    encoder, info = load_backbone(tmp_path / "backbone.pt")
+    assert encoder.conv1.out_channels == info.width == cfg.width < DEFAULT_WIDTH and info.res == cfg.res
