@@ -441,6 +441,65 @@ def drop_samples(path: str | os.PathLike, drop: Sequence[int]) -> int:
     return len(keep)
 
 
+def compact_pages(path: str | os.PathLike) -> int:
+    """Pack the samples of the .beton at `path` into consecutive pages in place; return the new size.
+
+    ffcv's writer gives each worker process its own page and writes every worker's last page whole, so
+    a .beton carried up to one partly empty page per worker (8 MiB each with ffcv's default page): the
+    same 640 photos made 32 MB with 2 workers and 136 MB with 16. Here every region keeps its order in
+    the file and moves down to the first place it fits, under the writer's own rule (a sample's regions
+    share one page), so the size no longer depends on the worker count; dropped samples' bytes go too.
+    Moving down in file order never overwrites a region not yet moved: each region's new end is at or
+    before its old end, and the next region starts after that.
+    """
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    page = int(reader.header["page_size"])
+    table = reader.alloc_table.copy()
+    order = np.argsort(table["ptr"], kind="stable")
+    old_ptr = table["ptr"][order].astype(np.int64)
+    sizes = table["size"][order].astype(np.int64)
+    samples = table["sample_id"][order].astype(np.int64)
+    # Data may start right after the metadata: a reader finds a sample's page as ptr // page_size, so the
+    # only rule is that no sample crosses a page boundary (the writer's page-aligned start wasted up to a page).
+    cursor = reader.header.nbytes + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    new_ptr = np.empty_like(old_ptr)
+    i = 0
+    while i < len(order):
+        j = i + 1  # a sample's regions lie together in one page
+        while j < len(order) and samples[j] == samples[i]:
+            j += 1
+        need = int(sizes[i:j].sum())
+        if cursor % page + need > page:
+            cursor = -(-cursor // page) * page
+        new_ptr[i:j] = cursor + np.concatenate(([0], np.cumsum(sizes[i:j])[:-1]))
+        cursor += need
+        i = j
+    metadata = reader.metadata.copy()
+    moved = dict(zip(old_ptr.tolist(), new_ptr.tolist(), strict=True))
+    for field_name in metadata.dtype.names:
+        for column in metadata[field_name].dtype.names or ():
+            if column.endswith("ptr"):  # RGBImageField's data_ptr, Bytes/NDArray fields' ptr
+                pointers = metadata[field_name][column]
+                pointers[:] = [moved.get(int(v), int(v)) for v in pointers]
+    table["ptr"][order] = new_ptr
+    header = np.array(reader.header)
+    header["alloc_table_ptr"] = cursor
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for src, dst, size in zip(old_ptr.tolist(), new_ptr.tolist(), sizes.tolist(), strict=True):
+            if src != dst:
+                os.pwrite(fd, os.pread(fd, size, src), dst)
+        os.pwrite(fd, header.tobytes(), 0)
+        os.pwrite(fd, metadata.tobytes(), reader.header.nbytes + reader.field_descriptors.nbytes)
+        os.pwrite(fd, table.tobytes(), cursor)
+        os.ftruncate(fd, cursor + table.nbytes)
+    finally:
+        os.close(fd)
+    return cursor + table.nbytes
+
+
 def _chunksize(samples: int, workers: int) -> int:
     return min(100, max(1, samples // (4 * workers)))
 
@@ -481,6 +540,7 @@ def write_beton(dataset, out: str | os.PathLike, image_field, workers: int,
         if skipped and drop_samples(tmp, [index for index, _, _ in skipped]) == 0:
             raise ConversionError(f"none of the {len(dataset)} images can be decoded, e.g. "
                                   f"{skipped[0][1]}: {skipped[0][2]}")
+        compact_pages(tmp)
         os.replace(tmp, out)
     except BaseException:
         hooks.stop_workers()
