@@ -132,6 +132,10 @@ class TrainConfig:
                                     bound=AT_LEAST_1)
     checkpoint_every: int = option(1, "save a checkpoint every N epochs (0: off)", bound=NOT_NEGATIVE)
     checkpoint_minutes: float = option(30.0, "also save every M minutes of training (0: off)", bound=NOT_NEGATIVE)
+    time_limit: float = option(0.0, "stop training after M minutes of it (counted over resumes), save, then "
+                               "evaluate and export as at the end of the schedule, which keeps its length: a "
+                               "cut run ends at a higher lr than a shorter one would (0: no limit)",
+                               bound=NOT_NEGATIVE, on_resume=QUIET)
     keep_checkpoints: int = option(3, "keep the newest K checkpoints", bound=AT_LEAST_1)
 
     def resolved(self) -> TrainConfig:

@@ -83,9 +83,9 @@ def train(cfg: TrainConfig, world: World) -> int:
     display.message(describe_run(cfg, world, data, step, total))
     saver = RunCheckpointer(ckpts, world, byol, step_fn.optimizer, step_fn.scaler, per_epoch, cfg.to_dict(),
                             cfg.checkpoint_every, cfg.checkpoint_minutes, elapsed_before)
-    stop, window = StopRequest(), Window()
+    stop, window, out_of_time = StopRequest(), Window(), False
     try:
-        while step < total:
+        while step < total and not out_of_time:
             epoch, done_in_epoch = divmod(step, per_epoch)
             loader.set_epoch(epoch)
             # On resume, the batches this epoch already trained on are drawn again and skipped.
@@ -99,7 +99,9 @@ def train(cfg: TrainConfig, world: World) -> int:
                 if step % cfg.log_every and not (epoch_done or finished or single_stop):
                     continue
                 # A log point: every rank reads the loss and agrees on stopping and time-based saving.
-                loss_value, (stopping, time_due) = agree(world, loss, [stop.requested, saver.time_due()])
+                out_of_time = bool(cfg.time_limit) and saver.elapsed_s() >= 60 * cfg.time_limit
+                loss_value, (stopping, time_due, out_of_time) = agree(
+                    world, loss, [stop.requested, saver.time_due(), out_of_time])
                 if not math.isfinite(loss_value):
                     raise Diverged(f"the loss is {loss_value} at step {step}: stopped without saving this state")
                 images_per_s, wait = window.close()
@@ -111,13 +113,17 @@ def train(cfg: TrainConfig, world: World) -> int:
                 if log is not None:
                     log.write(record)
                 display.update(record)
-                if stopping or time_due or finished or (epoch_done and saver.epoch_due(epoch)):
+                if stopping or time_due or finished or out_of_time or (epoch_done and saver.epoch_due(epoch)):
                     saver.save(step)
                 if stopping:
                     display.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpts.folder}; "
                                     "continue with --resume")
                     return stop.exit_code
-                if finished:
+                if out_of_time and not finished:
+                    display.message(f"--time-limit {cfg.time_limit:g} min reached after step {step} of {total} "
+                                    f"(epoch {step / per_epoch:.2f}); checkpoint saved, evaluating and exporting "
+                                    "now (--resume continues the schedule)")
+                if finished or out_of_time:
                     break
     finally:
         stop.restore()

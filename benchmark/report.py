@@ -4,6 +4,7 @@ console, the JSON file, and a PNG bar chart (log scale: loaders and steps differ
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,8 +65,12 @@ def _pct(value: float | None) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
+    """Write atomically (a temp file renamed over `path`): a reader, or a run killed mid-write, only ever
+    sees a whole JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def plot(result: dict, path: Path) -> bool:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime as dt
 import gc
@@ -84,6 +85,7 @@ from PIL import Image
 from benchmark.baselines import BASELINES, build_baseline, strongest_baseline
 from benchmark.ffcv_variants import VARIANTS, build_variant, decode_crop_costs
 from benchmark.make_corpus import CORPUS_VERSION, make_corpus
+from benchmark.progress import Budget, Heartbeat
 from benchmark.report import plot, print_report, write_json
 from benchmark.timing import (
     REPO,
@@ -98,10 +100,10 @@ from benchmark.timing import (
 )
 from config import TrainConfig
 from datasources.ffcv_convert import DEFAULT_JPEG_QUALITY
-from datasources.imagefolder import load_index
+from datasources.imagefolder import scan_image_folder
 from models.backbones import ARCHS, DEFAULT_WIDTH
 from models.step import ByolStep, step_precision, view_dtype
-from optim.factory import OPTIMIZERS
+from optim.factory import OPTIMIZERS, build_optimizer
 from optim.schedules import scaled_lr
 from pipelines.base import Batch, LoaderConfig, LoaderUnavailable, TwoViewLoader
 from pipelines.registry import LOADER_MODULES, build_loader, is_available
@@ -119,6 +121,12 @@ FEEDER = "synthetic"
 FASTBYOL_LOADERS = tuple(name for name in LOADER_MODULES if name not in (FEEDER, *BASELINES))
 LOADERS = (*FASTBYOL_LOADERS, *BASELINES)
 LARS_AGREEMENT_STEPS = 3
+# Untimed set-up a budget must leave room for, measured: the ResNet-50 step compiles in 81 s on an H200's
+# 16 cores (2026-12-04), the quickstart's in 115 s on 2 CPU cores; a DALI pipeline builds in seconds, an
+# ffcv Loader compiles its numba pipeline in 10-30 s. A timed run is at least MIN_RUN_S long.
+COMPILE_S = {"cuda": 100.0, "cpu": 150.0}
+LOADER_SETUP_S = {"dali": 10.0, "ffcv": 30.0}
+MIN_RUN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -250,18 +258,31 @@ def measure_decode(paths: list[str], workers: int, repeats: int) -> Rate:
         return rate_of(time_runs(run, repeats, torch.device("cpu")), warmup=1, per_run=len(paths), unit="files")
 
 
-def measure_step(bench: Bench, step: ByolStep, loader: str = FEEDER) -> Rate:
-    """Step images/s fed by `loader`: synthetic device views give the step-only ceiling, a real
-    loader gives end-to-end."""
+def swap_optimizer(bench: Bench, step: ByolStep, optimizer: str, initial: dict) -> None:
+    """Give `step` a fresh `optimizer` and the initial weights: the compiled forward and EMA do not contain
+    the optimizer, so the same compiled graph times every optimizer without compiling again."""
+    step.byol.load_state_dict(initial)
+    cfg = bench.train_config
+    step.optimizer = build_optimizer(optimizer, step.byol.online.parameters(), scaled_lr(cfg.base_lr, cfg.batch_size),
+                                     cfg.weight_decay, cfg.momentum, cfg.eta, bench.device)
+
+
+def measure_step(bench: Bench, step: ByolStep, stream: Iterator[Batch], run_s: RunSeconds) -> Rate:
+    """Step images/s over `stream`: the synthetic feeder gives the step-only ceiling, a real loader gives
+    end-to-end."""
     s, cfg = bench.sizes, bench.train_config
     lr, tau = scaled_lr(cfg.base_lr, s.batch_size), cfg.tau_base
 
     def consume(batch: Batch) -> None:
         step(batch[0], batch[1], lr, tau)
 
-    with batch_stream(loader, bench.loader_config(loader)) as stream:
-        return measure_stream(stream, consume, s.step_warmup, s.steps, s.repeats, bench.device, "steps",
-                              s.step_seconds)
+    return measure_stream(stream, consume, s.step_warmup, s.steps, s.repeats, bench.device, "steps",
+                          run_s.least, run_s.most)
+
+
+def measure_loader_only(bench: Bench, stream: Iterator[Batch], run_s: RunSeconds) -> Rate:
+    s = bench.sizes
+    return measure_loader(stream, s.warmup, s.batches, s.repeats, bench.device, run_s.least, run_s.most)
 
 
 def lars_agreement(bench: Bench, steps: int = LARS_AGREEMENT_STEPS) -> dict:
@@ -311,54 +332,193 @@ def verdicts(sections: dict, ceiling: str | None) -> dict:
 LOADER_ERRORS = (LoaderUnavailable, ValueError, RuntimeError)
 
 
-def _measured(name: str, skipped: dict[str, str], measure: Callable[..., Rate], *args) -> dict | None:
-    """One loader's figure, `measure(*args)`; a loader that fails is reported under `skipped` and the run goes on."""
-    try:
-        return measure(*args).to_dict()
-    except LOADER_ERRORS as err:
-        skipped[name] = f"{type(err).__name__}: {err}"
-        return None
+@dataclass(frozen=True)
+class RunSeconds:
+    """How long each timed run of a figure lasts: at least `least`, and past `most` it ends after the
+    unit it is in (a budgeted run must not overrun); `most` None: no cap."""
+
+    least: float
+    most: float | None = None
 
 
-def run_sections(bench: Bench, loaders: list[str], sections: tuple[str, ...], optimizers: tuple[str, ...],
-                 skipped: dict[str, str]) -> tuple[dict, str | None, dict | None, dict | None]:
-    """Steps first, on a machine no loader has touched yet (a loader's threads may linger a moment after
-    it is closed, and the ceiling must not pay for them); then end-to-end on the ceiling's step; then
-    the loaders alone and the ffcv variants."""
-    s = bench.sizes
-    results: dict[str, dict] = {section: {} for section in SECTIONS}
-    if "decode" in sections:
-        results["decode"]["pil"] = measure_decode(bench.paths, bench.cores, s.repeats).to_dict()
-    ceiling = ceiling_key(s.compile_modes) if {"step", "end_to_end"} & set(sections) else None
+@dataclass(frozen=True)
+class Figure:
+    """One planned figure: where it goes in the JSON and the untimed seconds it costs before its runs
+    (pipeline build, compilation), which the budget must have room for."""
+
+    section: str
+    name: str
+    setup_s: float = 0.0
+    least_s: float = 0.0  # each timed run lasts at least this long (the preset's --seconds / --step-seconds)
+
+
+class Recorder:
+    """The result being measured. Each figure lands in it, derived keys are refreshed and the JSON is
+    rewritten at once (atomically), so a run killed at any moment leaves a valid JSON of what finished.
+    With a budget, each figure gets an equal share of what is left after the planned set-up costs and is
+    skipped, with the reason under `skipped`, when that share cannot hold its set-up and its timed runs."""
+
+    def __init__(self, result: dict, path: Path, plan: list[Figure], budget: Budget, beat: Heartbeat,
+                 repeats: int):
+        self.result, self.path, self.plan, self.budget, self.beat = result, path, list(plan), budget, beat
+        self.repeats = repeats
+        self.save()
+
+    def save(self) -> None:
+        refresh_derived(self.result)
+        write_json(self.result, self.path)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.result["skipped"][name] = reason
+        self.save()
+
+    def run_seconds(self, figure: Figure) -> RunSeconds | None:
+        """This figure's per-run seconds, or None when the budget cannot hold it (it is then skipped)."""
+        if not self.budget.limited:
+            return RunSeconds(figure.least_s)
+        waiting = [f for f in self.plan if f is not figure]
+        reserve = sum(f.setup_s + MIN_RUN_S * self.repeats for f in waiting)
+        allowed = self.budget.allow(figure.setup_s + MIN_RUN_S * self.repeats, reserve)
+        if allowed is None:
+            return None
+        share = (self.budget.left() - sum(f.setup_s for f in self.plan)) / len(self.plan)
+        per_run = max(MIN_RUN_S, min(share, allowed - figure.setup_s) / self.repeats)
+        return RunSeconds(min(figure.least_s, per_run), per_run)
+
+    def drop(self, figure: Figure) -> None:
+        """Take `figure` out of the plan: the budget cannot hold it."""
+        self.plan.remove(figure)
+        self.skip(f"{figure.section} {figure.name}", f"budget: needs about "
+                  f"{figure.setup_s + MIN_RUN_S * self.repeats:.0f} s, {self.budget.left():.0f} s left")
+
+    def measure(self, figure: Figure, measure: Callable[[RunSeconds], Rate | dict]) -> dict | None:
+        """Time `figure` with `measure(run_seconds)` unless the budget cannot hold it; a loader that fails
+        is reported under `skipped` and the run goes on."""
+        run_s = self.run_seconds(figure)
+        if run_s is None:
+            self.drop(figure)
+            return None
+        self.plan.remove(figure)
+        label = f"{figure.section} {figure.name}"
+        self.beat.phase(f"{label}: set-up and {self.repeats} timed runs"
+                        + (f" of {run_s.least:.0f}-{run_s.most:.0f} s" if run_s.most else ""))
+        try:
+            measured = measure(run_s)
+        except LOADER_ERRORS as err:
+            self.skip(figure.name, f"{type(err).__name__}: {err}")
+            return None
+        rate = measured.to_dict() if isinstance(measured, Rate) else measured
+        self.result["sections"][figure.section][figure.name] = rate
+        self.save()
+        return rate
+
+
+def refresh_derived(result: dict) -> None:
+    """The keys that follow from the measured sections (verdicts, baseline, speed-ups, best loader)."""
+    sections = result["sections"]
+    measured = {n: r["images_per_s"] for n, r in sections["loader"].items()}
+    baseline = strongest_baseline(measured)
+    ours = {n: ips for n, ips in measured.items() if n in FASTBYOL_LOADERS}
+    ceiling = result["ceiling"]
+    result.update(
+        verdict=verdicts(sections, ceiling), baseline=baseline,
+        speedup_vs_baseline={n: ips / measured[baseline] for n, ips in measured.items()} if baseline else {},
+        best_loader=max(ours, key=ours.get) if ours else None)
+
+
+def plan_figures(bench: Bench, loaders: list[str], sections: tuple[str, ...], optimizers: tuple[str, ...],
+                 ceiling: str | None) -> tuple[list[Figure], list[str]]:
+    """Every figure in the order it is measured, and the step configurations (compile-optimizer) to time.
+
+    The step section first, on a machine no loader has touched yet; each compile mode is built once and
+    times every optimizer (`swap_optimizer`). Then each loader once: loader-only, then end-to-end on the
+    ceiling's step from the same stream, so a pipeline is built (DALI) or compiled (ffcv's numba) once.
+    The ffcv variants last."""
+    s, cuda = bench.sizes, bench.device.type == "cuda"
     configs = [f"{c}-{o}" for c in s.compile_modes for o in optimizers] if "step" in sections else []
     if "end_to_end" in sections and ceiling not in configs:
         configs.insert(0, ceiling)
+    plan = [Figure("decode", "pil")] if "decode" in sections else []
+    seen_modes: set[str] = set()
     for key in configs:
-        step = bench.build_step(*key.split("-", 1))
-        results["step"][key] = measure_step(bench, step).to_dict()
-        for name in loaders if key == ceiling and "end_to_end" in sections else ():
-            if (rate := _measured(name, skipped, measure_step, bench, step, name)) is not None:
-                results["end_to_end"][name] = rate
-        del step
-        gc.collect()
-        if bench.device.type == "cuda":
-            torch.cuda.empty_cache()
-    agreement = lars_agreement(bench) if "step" in sections and {"lars", "lars-loop"} <= set(optimizers) else None
-
-    def loader_only(name: str) -> Rate:
-        with batch_stream(name, bench.loader_config(name)) as stream:
-            return measure_loader(stream, s.warmup, s.batches, s.repeats, bench.device, s.seconds)
-
-    for name in loaders if "loader" in sections else ():
-        if name not in skipped and (rate := _measured(name, skipped, loader_only, name)) is not None:
-            results["loader"][name] = rate
-    costs = None
+        mode = key.split("-", 1)[0]
+        compiles = mode == "compiled" and mode not in seen_modes
+        seen_modes.add(mode)
+        plan.append(Figure("step", key, COMPILE_S["cuda" if cuda else "cpu"] if compiles else 0.0, s.step_seconds))
+    for name in loaders:
+        setup = LOADER_SETUP_S.get(name, 0.0)
+        if "loader" in sections:
+            plan.append(Figure("loader", name, setup, s.seconds))
+        if "end_to_end" in sections:
+            plan.append(Figure("end_to_end", name, 0.0 if "loader" in sections else setup, s.step_seconds))
     if "ffcv_variants" in sections and "ffcv" in loaders:
-        for name in VARIANTS:
-            if (rate := _measured(name, skipped, loader_only, name)) is not None:
-                results["ffcv_variants"][name] = rate
-        costs = decode_crop_costs(bench.paths, s.res, DEFAULT_JPEG_QUALITY)
-    return results, ceiling, agreement, costs
+        plan += [Figure("ffcv_variants", name, LOADER_SETUP_S["ffcv"], s.seconds) for name in VARIANTS]
+    return plan, configs
+
+
+def run_sections(bench: Bench, recorder: Recorder, loaders: list[str], sections: tuple[str, ...],
+                 optimizers: tuple[str, ...], configs: list[str]) -> None:
+    """Measure the planned figures into `recorder` (see `plan_figures` for the order)."""
+    result, beat = recorder.result, recorder.beat
+    figures = {(f.section, f.name): f for f in recorder.plan}
+    if "decode" in sections:
+        recorder.measure(figures["decode", "pil"],
+                         lambda run_s: measure_decode(bench.paths, bench.cores, bench.sizes.repeats))
+    ceiling, ceiling_step = result["ceiling"], None
+    by_mode: dict[str, list[str]] = {}
+    for key in configs:
+        by_mode.setdefault(key.split("-", 1)[0], []).append(key.split("-", 1)[1])
+    for mode, names in by_mode.items():
+        beat.phase(f"step {mode}: building the model")
+        step = bench.build_step(mode, names[0])
+        initial = copy.deepcopy(step.byol.state_dict())
+        for i, name in enumerate(names):
+            if i:
+                swap_optimizer(bench, step, name, initial)
+            with batch_stream(FEEDER, bench.loader_config(FEEDER)) as stream:
+                recorder.measure(figures["step", f"{mode}-{name}"],
+                                 lambda run_s, stream=stream, step=step: measure_step(bench, step, stream, run_s))
+        if f"{mode}-lars" == ceiling:
+            if names[-1] != "lars":
+                swap_optimizer(bench, step, "lars", initial)
+            ceiling_step = step
+        else:
+            del step
+            gc.collect()
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "step" in sections and {"lars", "lars-loop"} <= set(optimizers):
+        beat.phase("lars vs lars-loop: the same steps from the same weights")
+        result["lars_agreement"] = lars_agreement(bench)
+        recorder.save()
+    for name in loaders:
+        planned = [figures[key] for key in (("loader", name), ("end_to_end", name)) if key in figures]
+        if all(recorder.run_seconds(f) is None for f in planned):
+            for figure in planned:
+                recorder.drop(figure)
+            continue
+        beat.phase(f"{name}: building the loader")
+        try:
+            with batch_stream(name, bench.loader_config(name)) as stream:
+                if ("loader", name) in figures:
+                    recorder.measure(figures["loader", name],
+                                     lambda run_s, stream=stream: measure_loader_only(bench, stream, run_s))
+                if ("end_to_end", name) in figures and ceiling_step is not None:
+                    recorder.measure(figures["end_to_end", name], lambda run_s, stream=stream: measure_step(
+                        bench, ceiling_step, stream, run_s))
+        except LOADER_ERRORS as err:
+            recorder.plan = [f for f in recorder.plan if f not in planned]
+            recorder.skip(name, f"{type(err).__name__}: {err}")
+    for name in VARIANTS if ("ffcv_variants", VARIANTS[0]) in figures else ():
+        def variant(run_s: RunSeconds, name: str = name) -> Rate:
+            with batch_stream(name, bench.loader_config(name)) as stream:
+                return measure_loader_only(bench, stream, run_s)
+
+        recorder.measure(figures["ffcv_variants", name], variant)
+    if ("ffcv_variants", VARIANTS[0]) in figures and result["sections"]["ffcv_variants"]:
+        beat.phase("ffcv: decode and crop costs")
+        result["ffcv_costs"] = decode_crop_costs(bench.paths, bench.sizes.res, DEFAULT_JPEG_QUALITY)
+        recorder.save()
 
 
 def prepare_corpus(corpus: str | None, cache: Path, images: int) -> str:
@@ -416,6 +576,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=REPO / "data" / "bench", help="corpus and .beton cache")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: "
                         "benchmark/results/<device>-<date>; runs/benchmark/<device>-<date>-quick with --quick)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole command: each figure's runs are cut to "
+                        "its share of what is left, and a figure that cannot fit is skipped (listed under skipped)")
     parser.add_argument("--quick", action="store_true",
                         help="seconds-long smoke run: tiny corpus, res 32, small resnet18, 2 batches, no compile")
     return parser.parse_args(argv)
@@ -476,11 +638,21 @@ def notes(bench: Bench, sections: tuple[str, ...]) -> list[str]:
     return found
 
 
-def run(args: argparse.Namespace) -> tuple[dict, Path]:
+def output_path(args: argparse.Namespace, device: torch.device) -> Path:
+    date = dt.date.today().isoformat()
+    return args.out or (REPO / "runs" / "benchmark" / f"{device.type}-{date}-quick" if args.quick
+                        else REPO / "benchmark" / "results" / f"{device.type}-{date}")
+
+
+def run(args: argparse.Namespace, beat: Heartbeat) -> tuple[dict, Path]:
+    """Measure everything asked for; the JSON at the returned path is rewritten after every figure."""
+    budget = Budget(args.budget)
     device = resolve_device(args.device)
     sizes = resolve_sizes(args, device)
     core_ids = chosen_cores(args.cores)
+    out = output_path(args, device)
     cache = args.cache
+    beat.phase("preparing the corpus")
     corpus = prepare_corpus(args.corpus, cache / ("quick" if args.quick else ""), sizes.images)
     cores, workers = len(core_ids), pin_cores(core_ids, args.quick)
     # The trainer's kernel settings (cuDNN autotuning, TF32, subnormals flushed), or the step timed is
@@ -497,19 +669,21 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     if "ffcv_variants" in sizes.sections and "ffcv" not in loaders:
         skipped["ffcv_variants"] = "needs the ffcv loader (not installed or not in --loaders)"
     reads_beton = {"loader", "end_to_end", "ffcv_variants"} & set(sizes.sections)
-    beton = prepare_beton(corpus, cache, cores) if "ffcv" in loaders and reads_beton else None
-    paths = [path for path, _ in load_index(corpus).samples]
+    beton = None
+    if "ffcv" in loaders and reads_beton:
+        beat.phase("converting the corpus to a .beton (once per corpus, cached)")
+        beton = prepare_beton(corpus, cache, cores)
+    paths = [path for path, _ in scan_image_folder(corpus).samples]
     bench = Bench(device, sizes, cores, workers, corpus, paths, beton, args.quick)
+    beat.phase("reading the corpus once (OS cache)")
     warm_os_cache(paths + ([beton] if beton else []))
-    sections, ceiling, agreement, costs = run_sections(bench, loaders, sizes.sections, tuple(args.optimizers),
-                                                       skipped)
-    env["load_average_end"] = list(os.getloadavg())
     cfg = bench.train_config
-    measured = {n: r["images_per_s"] for n, r in sections["loader"].items()}
-    baseline = strongest_baseline(measured)
-    ours = {n: ips for n, ips in measured.items() if n in FASTBYOL_LOADERS}
+    optimizers = tuple(args.optimizers)
+    ceiling = ceiling_key(sizes.compile_modes) if {"step", "end_to_end"} & set(sizes.sections) else None
+    plan, configs = plan_figures(bench, loaders, sizes.sections, optimizers, ceiling)
     result = {
         "schema_version": SCHEMA_VERSION,
+        "complete": False,
         "environment": env,
         "setup": {
             "corpus": str(Path(corpus).resolve()), "corpus_images": len(paths), "beton": beton,
@@ -519,34 +693,34 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
             "workers": workers, "repeats": sizes.repeats, "loader_batches": sizes.batches,
             "loader_seconds": sizes.seconds, "loader_warmup": sizes.warmup, "steps": sizes.steps,
             "step_seconds": sizes.step_seconds, "step_warmup": sizes.step_warmup,
-            "compile_modes": list(sizes.compile_modes), "optimizers": list(args.optimizers), "loaders": loaders,
-            "sections": list(sizes.sections), "quick": args.quick, "notes": notes(bench, sizes.sections),
+            "compile_modes": list(sizes.compile_modes), "optimizers": list(optimizers), "loaders": loaders,
+            "sections": list(sizes.sections), "quick": args.quick, "budget_s": args.budget,
+            "notes": notes(bench, sizes.sections),
         },
-        "sections": sections,
+        "sections": {section: {} for section in SECTIONS},
         "ceiling": ceiling,
-        "verdict": verdicts(sections, ceiling),
-        "baseline": baseline,
-        "speedup_vs_baseline": {n: ips / measured[baseline] for n, ips in measured.items()} if baseline else {},
-        "best_loader": max(ours, key=ours.get) if ours else None,
-        "lars_agreement": agreement,
-        "ffcv_costs": costs,
+        "verdict": {}, "baseline": None, "speedup_vs_baseline": {}, "best_loader": None,
+        "lars_agreement": None,
+        "ffcv_costs": None,
         "skipped": skipped,
     }
-    date = dt.date.today().isoformat()
-    out = args.out or (REPO / "runs" / "benchmark" / f"{device.type}-{date}-quick" if args.quick
-                       else REPO / "benchmark" / "results" / f"{device.type}-{date}")
+    recorder = Recorder(result, out.with_suffix(".json"), plan, budget, beat, sizes.repeats)
+    run_sections(bench, recorder, loaders, sizes.sections, optimizers, configs)
+    env["load_average_end"] = list(os.getloadavg())
+    result["complete"] = True
+    recorder.save()
     return result, out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        result, out = run(args)
+        with Heartbeat("throughput") as beat:
+            result, out = run(args, beat)
     except (ValueError, LoaderUnavailable) as err:
         print(f"throughput: error: {err}", file=sys.stderr)
         return 2
     print_report(result)
-    write_json(result, out.with_suffix(".json"))
     written = [out.with_suffix(".json")] + ([out.with_suffix(".png")] if plot(result, out.with_suffix(".png")) else [])
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

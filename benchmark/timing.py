@@ -99,10 +99,11 @@ def endless(loader: TwoViewLoader) -> Iterator[Batch]:
 
 def measure_stream(
     stream: Iterator[Batch], consume: Callable[[Batch], None], warmup: int, per_run: int, repeats: int,
-    device: torch.device, unit: str, min_seconds: float = 0.0,
+    device: torch.device, unit: str, min_seconds: float = 0.0, max_seconds: float | None = None,
 ) -> Rate:
     """Rate of `consume(batch)` over a batch stream: `warmup` untimed batches, then `repeats` runs of at
-    least `per_run` batches and at least `min_seconds` each. The stream continues across runs, so every
+    least `per_run` batches and at least `min_seconds` each; a run past `max_seconds` (a budget's cap)
+    ends after the batch it is in, with at least one batch. The stream continues across runs, so every
     run sees a warm pipeline."""
     synchronize(device)
     start = time.perf_counter()
@@ -114,7 +115,12 @@ def measure_stream(
     def run() -> tuple[int, int]:
         images = batches = 0
         start = time.perf_counter()
-        while batches < per_run or time.perf_counter() - start < min_seconds:
+        while True:
+            elapsed = time.perf_counter() - start
+            if batches and max_seconds is not None and elapsed >= max_seconds:
+                break
+            if batches >= per_run and elapsed >= min_seconds:
+                break
             batch = next(stream)
             consume(batch)
             images += batch[0].shape[0]
@@ -125,9 +131,10 @@ def measure_stream(
 
 
 def measure_loader(stream: Iterator[Batch], warmup: int, batches: int, repeats: int, device: torch.device,
-                   min_seconds: float = 0.0) -> Rate:
+                   min_seconds: float = 0.0, max_seconds: float | None = None) -> Rate:
     """Loader-only images/s of a batch stream (`endless(loader)`); an image = both views on `device`."""
-    return measure_stream(stream, lambda batch: None, warmup, batches, repeats, device, "batches", min_seconds)
+    return measure_stream(stream, lambda batch: None, warmup, batches, repeats, device, "batches", min_seconds,
+                          max_seconds)
 
 
 def warm_os_cache(paths: Iterable[str | os.PathLike]) -> int:

@@ -165,3 +165,21 @@ def test_bad_config_file_gives_one_clear_line(capsys, tmp_path, body, expected):
     path = tmp_path / "bad.toml"
     path.write_text(body)
     assert expected in main_error(capsys, "--config", str(path))
+
+
+def test_time_limit_stops_saves_evaluates_and_resume_finishes_the_schedule(tmp_path):
+    """--time-limit: at the first log point past the limit the run saves, writes its final outputs and
+    exits 0 short of its steps; --resume (without the limit) trains on to the schedule's last step."""
+    out, steps = tmp_path / "run", 40
+    args = (*TINY, "--res", "8", "--steps", str(steps), "--log-every", "1", "--checkpoint-minutes", "0",
+            "--checkpoint-every", "0", "--out", str(out))
+    cut = run_train(*args, "--time-limit", "0.0001")  # 6 ms: past it at the first log point
+    assert cut.returncode == 0, cut.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1 and "--time-limit 0.0001 min reached after step 1 of 40" in cut.stdout
+    assert (out / "backbone.pt").is_file()
+    assert load_checkpoint(CheckpointDir(out / "checkpoints", keep=3).paths()[0])["step"] == 1
+    resumed = run_train(*args, "--time-limit", "0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == steps and records[-1]["lr"] < 0.01 * max(r["lr"] for r in records)  # decayed
