@@ -3,6 +3,7 @@
     python benchmark/throughput.py                     # full run for this machine's device
     python benchmark/throughput.py --quick             # seconds-long smoke run (what the tests use)
     python benchmark/throughput.py --loaders dali solo-learn --sections loader --res 224 --batch-size 64
+    python benchmark/throughput.py --budget 240        # every figure cut to fit four minutes
 
 An image is one dataset image delivered as BOTH augmented views on the training device (ffcv
 includes its on-device augmentation). Sections:
@@ -20,6 +21,14 @@ includes its on-device augmentation). Sections:
 - end_to_end:    each loader feeding the real step (the ceiling's configuration).
 - ffcv_variants: FFCV decode-once vs stock FFCV (two decoders), crops only and with the augmentation
                  (benchmark/ffcv_variants.py), and the decode/crop cost model `ffcv_costs`.
+Order: the step section first (each compile mode built and compiled once, timing every optimizer by
+swapping the optimizer: the compiled graph does not contain it), then each loader once, loader-only and
+then end-to-end on the ceiling's step from the same stream (DALI builds, ffcv compiles its numba pipeline
+once), then the ffcv variants. The JSON is rewritten (atomically) after every figure, so a run that is
+killed leaves a valid file of what it finished (`complete` false), and a line at least every 15 s says
+what is running. With `--budget SECONDS` each figure's timed runs are cut to its share of what is left
+after the set-up costs still to come (compilation, pipeline builds), and a figure that cannot fit is not
+started: it is listed under `skipped` with a reason starting "budget:".
 Warm-up (pipeline build, compilation, the first pass through the OS cache) is never timed: every
 corpus file is read once first, then `--warmup` batches/steps run untimed. Each figure is the median
 of `--repeats` runs; a run lasts at least `--batches` batches (`--steps` steps) AND `--seconds`
@@ -34,13 +43,14 @@ made in `Bench`.
 
 JSON (benchmark/results/<device>-<date>.json; runs/benchmark/<device>-<date>-quick.json with --quick;
 stable keys, schema_version 2):
+    complete:    true once every planned figure was measured or skipped; false in a run that was killed
     environment: date, device ("cpu"|"cuda"), device_name, cpu_model, cpu_cores_used, cpu_count,
                  torch_threads, load_average [1, 5, 15 min] at the start, load_average_end, hostname,
                  versions {python, torch, ...}, git_commit
     setup:       corpus, corpus_images, beton, res, batch_size, arch, small_images, width, hidden_dim,
                  precision, view_dtype, workers, repeats, loader_batches, loader_seconds, loader_warmup,
                  steps, step_seconds, step_warmup, compile_modes, optimizers, loaders, sections, quick,
-                 notes [str]
+                 budget_s (--budget or null), notes [str]
     sections:    {decode: {pil: R}, loader: {<loader>: R}, step: {<compile>-<optimizer>: R},
                   end_to_end: {<loader>: R}, ffcv_variants: {<variant>: R}}, a section not run is {};
                   R = {images_per_s (median), min, max, spread_pct ((max-min)/median), runs [images/s],

@@ -21,7 +21,7 @@ from benchmark.timing import Rate, measure_stream
 from pipelines.registry import is_available
 
 REPO = Path(__file__).resolve().parents[1]
-TOP_KEYS = {"schema_version", "environment", "setup", "sections", "ceiling", "verdict", "baseline",
+TOP_KEYS = {"schema_version", "complete", "environment", "setup", "sections", "ceiling", "verdict", "baseline",
             "speedup_vs_baseline", "best_loader", "lars_agreement", "ffcv_costs", "skipped"}
 RATE_KEYS = {"images_per_s", "min", "max", "spread_pct", "runs", "seconds", "units", "warmup", "warmup_seconds",
              "per_run", "min_seconds", "unit"}
@@ -59,6 +59,7 @@ def test_quick_json_has_the_documented_keys(quick) -> None:
     assert set(result["environment"]) == ENV_KEYS
     assert set(result["sections"]) == set(SECTIONS)
     assert result["setup"]["quick"] is True and result["setup"]["res"] == 32
+    assert result["complete"] is True and result["setup"]["budget_s"] is None
     assert result["environment"]["device"] == "cpu" and len(result["environment"]["load_average"]) == 3
     assert result["environment"]["versions"]["python"] == platform.python_version()
     assert torch.__version__.startswith(result["environment"]["versions"]["torch"])
@@ -232,3 +233,58 @@ def test_runs_with_the_trainers_kernel_settings(photo_corpus: str, tmp_path: Pat
     assert main(["--quick", "--device", "cpu", "--corpus", photo_corpus, "--sections", "decode",
                  "--cache", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
     assert calls == [False]
+
+
+def _throughput(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "benchmark" / "throughput.py"), "--quick", "--device", "cpu",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_run_leaves_a_valid_json_of_the_figures_it_finished(photo_corpus, tmp_path) -> None:
+    """SIGKILL (no chance to clean up) as soon as the first step figure is in the file: the JSON parses,
+    holds that figure whole and says the run is not complete."""
+    out = tmp_path / "killed"
+    proc = _throughput("--corpus", photo_corpus, "--cache", str(tmp_path / "cache"), "--out", str(out),
+                       "--sections", "step", "loader", cwd=tmp_path)
+    path, deadline = out.with_suffix(".json"), time.monotonic() + 240
+    result = {}
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file():
+            result = json.loads(path.read_text())  # never a half-written file: written by rename
+            if result["sections"]["step"]:
+                break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert result["sections"]["step"], "no figure was written within 240 s"
+    kept = json.loads(path.read_text())
+    assert kept["complete"] is False and set(kept) == TOP_KEYS
+    for name, rate in kept["sections"]["step"].items():
+        assert set(rate) == RATE_KEYS and len(rate["runs"]) == kept["setup"]["repeats"], name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_budget_skips_what_it_cannot_hold_and_says_what_runs(photo_corpus, tmp_path) -> None:
+    """--budget 20 on the quick sizes: the figures that fit are measured with runs capped to their share,
+    the others are listed as budget skips, the JSON is complete, and the command ends in its time."""
+    out = tmp_path / "budget"
+    start = time.monotonic()
+    proc = _throughput("--corpus", photo_corpus, "--cache", str(tmp_path / "cache"), "--out", str(out),
+                       "--budget", "20", "--sections", "step", "loader", "end_to_end", cwd=tmp_path)
+    output, _ = proc.communicate(timeout=280)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, output[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["complete"] is True and result["setup"]["budget_s"] == 20
+    cut = {name: why for name, why in result["skipped"].items() if why.startswith("budget:")}
+    measured = [(s, n) for s in ("step", "loader", "end_to_end") for n in result["sections"][s]]
+    assert measured and cut, (measured, result["skipped"])  # some figures fit and some did not
+    for name in cut:
+        section, figure = name.split(" ", 1)
+        assert figure not in result["sections"][section]
+    # The set-up (corpus, .beton, imports) comes on top of the budget; the figures must not overrun it much.
+    assert seconds < 20 + 60, seconds
+    assert "throughput: step eager-lars: set-up and 2 timed runs of " in output  # capped runs, said
