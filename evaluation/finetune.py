@@ -1,0 +1,369 @@
+"""The BYOL paper's semi-supervised protocol: fine-tune the whole encoder on 1% / 10% of the labels.
+
+    python -m evaluation.finetune --checkpoint runs/fashion-mnist/backbone.pt --labels 1% 10%
+    python -m evaluation.finetune --checkpoint backbone.pt --data data/train --val-data data/val --labels 1%
+
+For each share of the labelled training split: draw a class-balanced subset (a fixed seed; the same
+images for every backbone, written to finetune-subsets.json), fine-tune the encoder and a linear head
+on it (SGD with Nesterov momentum, no weight decay, cosine lr to 0, random-resized crop and flip as
+the only augmentation), then score top-1 on the whole test split. The same run from random init of
+the same network (arch, width, stem) is the baseline, and a frozen linear probe on the same subset
+shows what fine-tuning adds over the features alone. Results go to finetune.json beside the subsets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evaluation.data import CENTER_CROP_FRACTION, ArraySet, EvalSet, FolderSet, eval_splits
+from evaluation.features import extract_features, prepare
+from evaluation.linear_probe import linear_probe
+from models.backbones import build_backbone
+from models.export import BackboneInfo, load_backbone
+from models.step import AUTOCAST_DTYPES, step_precision
+from optim.schedules import lr_at
+from pipelines.views import BYOL_VIEWS, ViewRecipe
+
+# Random-resized crop's aspect-ratio range (torchvision's and the paper's linear-eval crop).
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How each fine-tune runs; the defaults were measured on the CPU quickstart's backbone (README).
+
+    epochs: passes over the subset; None: `default_epochs` (more for smaller subsets).
+    batch_size: images per step (a subset smaller than it is one batch).
+    lr: the peak of the cosine schedule (no warmup), for the encoder and the head alike.
+    momentum: SGD's Nesterov momentum.
+    min_scale: the smallest random-resized-crop area fraction.
+    seed: draws the subsets, the head's init, the random-init baseline, the crops and the batch order.
+    """
+
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    min_scale: float = 0.25
+    seed: int = 0
+
+
+# About this many images seen per fine-tune (1% of Fashion-MNIST: 50 epochs of 600), within the bounds.
+DEFAULT_IMAGES_SEEN = 30_000
+MIN_EPOCHS, MAX_EPOCHS = 10, 50
+
+
+def default_epochs(labels: int) -> int:
+    """Epochs for a subset of `labels` images: DEFAULT_IMAGES_SEEN images in all, MIN_EPOCHS to MAX_EPOCHS."""
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, round(DEFAULT_IMAGES_SEEN / labels)))
+
+
+def parse_fractions(texts: Sequence[str], flag: str = "--labels") -> list[float]:
+    """'1%' -> 0.01 and '0.1' -> 0.1 for each text, in order; ValueError (one line naming `flag`) otherwise."""
+    fractions = []
+    for text in texts:
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= 1:  # NaN fails it too
+            raise ValueError(f"{flag} {text}: give shares of the labelled training images above 0% and at most "
+                             "100%, e.g. 1% 10% (or 0.01 0.1)")
+        fractions.append(value)
+    return fractions
+
+
+def fraction_name(fraction: float) -> str:
+    """0.01 -> '1%': the key of a fraction in the results."""
+    return f"{100 * fraction:g}%"
+
+
+def draw_subset(labels: torch.Tensor, num_classes: int, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a class-balanced `fraction` of a labelled set: round(fraction * N / num_classes) images of
+    every class (all of a class that has fewer), drawn at random with `seed`.
+
+    Each class's images are shuffled once per seed and the subset takes the first ones, so for one seed the
+    subsets are nested: the 1% images are among the 10% ones. ValueError when the share is under one image
+    per class.
+    """
+    per_class = round(fraction * len(labels) / num_classes)
+    if per_class < 1:
+        raise ValueError(f"{fraction_name(fraction)} of {len(labels):,} labelled training images is fewer than one "
+                         f"per class for {num_classes} classes: give at least "
+                         f"{fraction_name(math.ceil(100 * num_classes / len(labels)) / 100)}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(num_classes):
+        members = (labels == label).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)][:per_class])
+    return torch.cat(chosen).sort().values
+
+
+def check_disjoint(train_set: EvalSet, test_set: EvalSet) -> None:
+    """ValueError if the folder sets share files: a fine-tune scored on its own training images says nothing.
+    (The built-in dataset's splits are separate files.)"""
+    if isinstance(train_set, FolderSet) and isinstance(test_set, FolderSet):
+        shared = {os.path.realpath(p) for p, _ in train_set.samples} & {os.path.realpath(p) for p, _ in
+                                                                         test_set.samples}
+        if shared:
+            raise ValueError(f"--val-data shares {len(shared):,} image files with --data (e.g. {min(shared)}): "
+                             "give a test folder disjoint from the training folder")
+
+
+def random_resized_crop_flip(x: torch.Tensor, res: int, min_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """A random-resized crop (area min_scale..1, aspect 3/4..4/3) and a coin-flip mirror of each image, resized to
+    res x res, as one batched bilinear resample (every op's parameters drawn per sample on the CPU).
+
+    x: float (B, C, H, W) on any device; the crops stay inside the image, so no padding is ever sampled.
+    """
+    count = len(x)
+    area = torch.empty(count).uniform_(min_scale, 1, generator=generator)
+    log_ratio = torch.empty(count).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=generator)
+    # Width and height as fractions of the image's; an aspect ratio the image cannot hold is clipped to it.
+    width = (area * log_ratio.exp()).sqrt().clamp(max=1)
+    height = (area / log_ratio.exp()).sqrt().clamp(max=1)
+    # Centres in affine_grid's [-1, 1] coordinates, so that the crop stays inside.
+    centre_x = (torch.rand(count, generator=generator) * 2 - 1) * (1 - width)
+    centre_y = (torch.rand(count, generator=generator) * 2 - 1) * (1 - height)
+    mirror = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(count, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width * mirror, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [count, x.shape[1], res, res], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the BYOL step would run bf16 (CUDA; a CPU with native bf16), else nothing."""
+    dtype = AUTOCAST_DTYPES[step_precision("bf16", device)]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def finetune(
+    encoder: nn.Module,
+    feature_dim: int,
+    train_set: EvalSet,
+    device: torch.device,
+    res: int,
+    settings: FinetuneSettings = FinetuneSettings(),
+    recipe: ViewRecipe = BYOL_VIEWS,
+) -> tuple[nn.Sequential, int]:
+    """Train `encoder` (in place: pass a copy to keep the original) and a new linear head on `train_set`;
+    return (nn.Sequential(encoder, head), the number of steps taken).
+
+    Parameters
+    ----------
+    encoder: the backbone, (B, 3, res, res) -> (B, feature_dim); moved to `device`, channels_last.
+    feature_dim: its output size (the head's input).
+    train_set: the labelled subset; each epoch reads it in a new random order. Folder images are read at
+        res / 0.875 (centre crop) so that the random crops have the context of the full-size crop.
+    device: where it trains; bf16 autocast where `autocast_for` says so.
+    res: the side in pixels of the crops the encoder sees.
+    settings: epochs, batch size, lr, momentum, crop scale and seed (`FinetuneSettings`).
+    recipe: its mean and std normalize the images, as in the frozen evaluation.
+    """
+    generator = torch.Generator().manual_seed(settings.seed)
+    head = nn.Linear(feature_dim, train_set.num_classes)
+    with torch.random.fork_rng(devices=[]):  # the head's init from the seed, without moving the caller's RNG
+        torch.manual_seed(settings.seed)
+        nn.init.normal_(head.weight, std=0.01)  # small logits at the start: the pretrained features lead
+        nn.init.zeros_(head.bias)
+    model = nn.Sequential(encoder, head).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
+                                weight_decay=0)
+    batch_size = min(settings.batch_size, len(train_set))
+    # Full batches only: BN's batch statistics need more than a stray image or two.
+    steps_per_epoch = len(train_set) // batch_size
+    epochs = settings.epochs or default_epochs(len(train_set))
+    total, step = epochs * steps_per_epoch, 0
+    load_res = res if isinstance(train_set, ArraySet) else round(res / CENTER_CROP_FRACTION)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_set), generator=generator)[:steps_per_epoch * batch_size]
+        for images, labels in train_set.subset(order).batches(batch_size, load_res):
+            x = prepare(images, images.shape[-1], recipe, device)  # normalized at its own size, then cropped
+            x = random_resized_crop_flip(x, res, settings.min_scale, generator).contiguous(
+                memory_format=torch.channels_last)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, settings.lr, warmup_steps=0)
+            with autocast_for(device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return model, step
+
+
+def top1(classifier: nn.Module, test_set: EvalSet, device: torch.device, res: int,
+         recipe: ViewRecipe = BYOL_VIEWS) -> float:
+    """Top-1 in [0, 1] of `classifier` (images -> logits) on `test_set`, read as the frozen evaluation reads it."""
+    logits, labels = extract_features(classifier, test_set, device, res, recipe)
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def compare_on_subsets(
+    encoder: nn.Module,
+    info: BackboneInfo,
+    train_set: EvalSet,
+    test_set: EvalSet,
+    fractions: Sequence[float],
+    device: torch.device | str,
+    res: int,
+    settings: FinetuneSettings = FinetuneSettings(),
+    log: Any = print,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
+    """For each fraction: the pretrained encoder fine-tuned, the same network from random init fine-tuned, and
+    a frozen linear probe of the pretrained encoder, all on one class-balanced subset and scored on all of
+    `test_set`. Returns (results by fraction name, the subsets' training-set indices by fraction name).
+
+    Parameters
+    ----------
+    encoder: the pretrained backbone; left as it is (each fine-tune trains a fresh copy of its weights).
+    info: what it is (`models.export.BackboneInfo`): the random-init baseline is built from it.
+    train_set, test_set: the labelled splits (`eval_splits`); the subsets are drawn from train_set.
+    fractions: shares of train_set in (0, 1] (`parse_fractions`); ValueError for one under one image per class.
+    device: where everything runs.
+    res: the side in pixels the encoder sees.
+    settings: the fine-tunes' hyper-parameters (`FinetuneSettings`).
+    log: called with one line per finished fine-tune.
+    """
+    device = torch.device(device)
+    check_disjoint(train_set, test_set)
+    labels = train_set.labels
+    subsets = {fraction_name(f): draw_subset(labels, train_set.num_classes, f, settings.seed) for f in fractions}
+    # Fresh modules, so that a cross-replica BN of training or the caller's device placement does not come along.
+    pretrained, _ = build_backbone(info.arch, small_images=info.small_images, width=info.width)
+    pretrained.load_state_dict(encoder.state_dict())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        random_init, _ = build_backbone(info.arch, small_images=info.small_images, width=info.width)
+    test_features = extract_features(pretrained.to(device, memory_format=torch.channels_last), test_set, device, res)
+    results: dict[str, dict[str, Any]] = {}
+    for name, indices in subsets.items():
+        start, subset = time.perf_counter(), train_set.subset(indices)
+        scores: dict[str, Any] = {"labels": len(indices), "per_class": torch.bincount(
+            labels[indices], minlength=train_set.num_classes).tolist()}
+        for key, start_from in (("finetune_top1", pretrained), ("random_init_finetune_top1", random_init)):
+            run_start = time.perf_counter()
+            model, steps = finetune(copy.deepcopy(start_from), info.feature_dim, subset, device, res, settings)
+            scores[key] = top1(model, test_set, device, res)
+            scores[key.replace("top1", "seconds")] = round(time.perf_counter() - run_start, 1)
+            log(f"fine-tune {name} ({len(indices):,} labels) from {'random init' if 'random' in key else 'BYOL'}: "
+                f"top-1 {100 * scores[key]:.1f}% ({steps} steps, {scores[key.replace('top1', 'seconds')]:.0f} s)")
+        probe = linear_probe(*extract_features(pretrained, subset, device, res), *test_features,
+                             train_set.num_classes)
+        scores |= {"frozen_probe_top1": probe.top1, "frozen_probe_weight_decay": probe.weight_decay,
+                   "epochs": settings.epochs or default_epochs(len(indices)), "steps": steps,
+                   "seconds": round(time.perf_counter() - start, 1)}
+        results[name] = scores
+    return results, {name: indices.tolist() for name, indices in subsets.items()}
+
+
+def finetune_summary(results: dict[str, dict[str, Any]]) -> str:
+    """One phrase per fraction: 'fine-tune 1%: 75.0% (random init 60.0%, frozen probe 70.0%)'."""
+    return "; ".join(f"fine-tune {name}: {100 * r['finetune_top1']:.1f}% (random init "
+                     f"{100 * r['random_init_finetune_top1']:.1f}%, frozen probe {100 * r['frozen_probe_top1']:.1f}%)"
+                     for name, r in results.items())
+
+
+def write_results(out: Path, results: dict[str, dict[str, Any]], subsets: dict[str, list[int]],
+                  train_set: EvalSet, about: dict[str, Any]) -> None:
+    """finetune.json (the results and `about`: checkpoint, network, settings) and finetune-subsets.json (each
+    subset's training-set indices, and for a folder its files), both in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    listed = {name: {"indices": indices} for name, indices in subsets.items()}
+    if isinstance(train_set, FolderSet):
+        for entry in listed.values():
+            entry["files"] = [train_set.samples[i][0] for i in entry["indices"]]
+    (out / "finetune-subsets.json").write_text(json.dumps(
+        {"train_images": len(train_set), "seed": about["settings"]["seed"], "subsets": listed}))
+    (out / "finetune.json").write_text(json.dumps(about | {"subsets_file": "finetune-subsets.json",
+                                                           "results": results}, indent=1))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = FinetuneSettings()
+    parser = argparse.ArgumentParser(prog="python -m evaluation.finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="the backbone.pt a run exported")
+    parser.add_argument("--labels", nargs="+", default=["1%", "10%"],
+                        help="shares of the labelled training split to fine-tune on (default: 1%% 10%%)")
+    parser.add_argument("--data", default="fashion-mnist", help="'fashion-mnist[:idx folder]' or an ImageFolder root")
+    parser.add_argument("--val-data", help="the labelled ImageFolder scored on (needed when --data is a folder)")
+    parser.add_argument("--res", type=int, help="the side the encoder sees (default: the checkpoint's training res)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--out", help="folder of finetune.json and finetune-subsets.json (default: the checkpoint's)")
+    parser.add_argument("--epochs", type=int, help=f"epochs per fine-tune (default: about {DEFAULT_IMAGES_SEEN:,} "
+                        f"images seen, {MIN_EPOCHS} to {MAX_EPOCHS} epochs)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak lr of the cosine schedule")
+    parser.add_argument("--min-scale", type=float, default=defaults.min_scale,
+                        help="smallest random-resized-crop area fraction")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="draws the subsets and everything random")
+    return parser.parse_args(argv)
+
+
+def checked_settings(args: argparse.Namespace) -> FinetuneSettings:
+    """The settings of the command line; ValueError (one line) for a value no fine-tune can run with."""
+    for flag, value, ok, meaning in (
+            ("--epochs", args.epochs, args.epochs is None or args.epochs >= 1, "at least 1"),
+            ("--batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BN needs a batch)"),
+            ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a finite number above 0"),
+            ("--min-scale", args.min_scale, 0 < args.min_scale <= 1, "in (0, 1]")):
+        if not ok:
+            raise ValueError(f"{flag} must be {meaning}, got {value}")
+    return FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_scale=args.min_scale,
+                            seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+        fractions = parse_fractions(args.labels)
+        settings = checked_settings(args)
+        try:
+            encoder, info = load_backbone(args.checkpoint)
+        except ValueError as err:
+            raise ValueError(f"--checkpoint {err}") from None
+        res = args.res or info.res
+        if res is None:
+            raise ValueError(f"--checkpoint {args.checkpoint} predates the saved training res: give --res")
+        # After the checkpoint: a bad one is refused before a large folder is scanned.
+        train_set, test_set = eval_splits(args.data, args.val_data)
+        start = time.perf_counter()
+        results, subsets = compare_on_subsets(encoder, info, train_set, test_set, fractions, device, res, settings)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"evaluation.finetune: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    about = {"checkpoint": args.checkpoint, "data": args.data, "val_data": args.val_data,
+             "test_images": len(test_set), "network": asdict(info) | {"res": res}, "device": str(device),
+             "settings": asdict(settings), "seconds": round(time.perf_counter() - start, 1)}
+    write_results(out, results, subsets, train_set, about)
+    print(f"{finetune_summary(results)}; {out / 'finetune.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The semi-supervised protocol (evaluation/finetune.py): class-balanced label subsets, the fine-tune, the
+random-init baseline of the same network, and `python -m evaluation.finetune` end to end."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from image_files import class_folders
+
+import evaluation.finetune as ft
+from evaluation import ArraySet
+from evaluation.data import eval_splits
+from models.backbones import build_backbone
+from models.export import save_backbone
+
+# 100 labels in 3 classes of 50, 45 and 5 images, interleaved.
+LABELS = torch.tensor([0, 1] * 45 + [0] * 5 + [2] * 5)
+
+
+def test_subsets_are_class_balanced_deterministic_and_nested():
+    subset = ft.draw_subset(LABELS, 3, 0.3, seed=0)
+    # round(0.3 * 100 / 3) = 10 of each class; class 2 has only 5, and gives all of them.
+    assert Counter(LABELS[subset].tolist()) == {0: 10, 1: 10, 2: 5}
+    assert len(set(subset.tolist())) == len(subset) == 25
+    assert torch.equal(subset, ft.draw_subset(LABELS, 3, 0.3, seed=0))
+    assert not torch.equal(subset, ft.draw_subset(LABELS, 3, 0.3, seed=1))
+    smaller = ft.draw_subset(LABELS, 3, 0.06, seed=0)  # 2 of each class, among the 30% subset's images
+    assert Counter(LABELS[smaller].tolist()) == {0: 2, 1: 2, 2: 2} and set(smaller.tolist()) <= set(subset.tolist())
+
+
+def test_too_small_a_share_names_the_smallest_that_works():
+    with pytest.raises(ValueError, match=r"^1% of 100 labelled training images is fewer than one per class for "
+                                         r"3 classes: give at least 3%$"):
+        ft.draw_subset(LABELS, 3, 0.01)
+    assert len(ft.draw_subset(LABELS, 3, 0.03)) == 3
+
+
+@pytest.mark.parametrize("text", ["0%", "101%", "-1%", "abc", "nan", "1.5"])
+def test_a_share_outside_0_to_100_percent_is_one_line(text):
+    with pytest.raises(ValueError, match=rf"^--labels {text}: give shares"):
+        ft.parse_fractions([text])
+    assert ft.parse_fractions(["1%", "10%", "0.5", "100%"]) == [0.01, 0.1, 0.5, 1.0]
+
+
+def folders(root: Path, train_per_class: int = 4) -> tuple[str, str]:
+    """A train and a test ImageFolder of two classes (separate files; test has 2 images per class)."""
+    return (class_folders(root / "train", ["a", "b"], train_per_class),
+            class_folders(root / "test", ["a", "b"], 2))
+
+
+def test_subsets_come_from_the_training_folder_and_a_shared_file_is_refused(tmp_path):
+    train_root, test_root = folders(tmp_path, train_per_class=10)
+    train_set, test_set = eval_splits(train_root, test_root, workers=0)
+    ft.check_disjoint(train_set, test_set)
+    files = [train_set.samples[i][0] for i in ft.draw_subset(train_set.labels, 2, 0.4)]
+    assert len(files) == 8 and Counter(Path(f).parent.name for f in files) == {"a": 4, "b": 4}
+    test_files = {str(p) for p in Path(test_root).rglob("*.png")}
+    assert all(f.startswith(train_root) for f in files) and not set(files) & test_files
+    same, _ = eval_splits(train_root, train_root, workers=0)
+    with pytest.raises(ValueError, match=r"^--val-data shares 20 image files with --data"):
+        ft.check_disjoint(train_set, same)
+
+
+def tiny_set(count: int = 16, side: int = 8) -> ArraySet:
+    """Two classes told apart by brightness (dark / bright grey noise), in memory."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(count) % 2
+    images = torch.randint(0, 100, (count, side, side), generator=g, dtype=torch.uint8) + 150 * labels[:, None, None]
+    return ArraySet(images.to(torch.uint8), labels, 2)
+
+
+def test_the_fine_tune_updates_the_encoder_and_the_head():
+    torch.manual_seed(0)
+    encoder, dim = build_backbone("resnet18", small_images=True, width=2)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    model, steps = ft.finetune(encoder, dim, tiny_set(), torch.device("cpu"), res=8,
+                               settings=ft.FinetuneSettings(epochs=10, batch_size=8))
+    assert steps == 20 and model[0] is encoder
+    # Every conv and BN weight of the encoder moved (a frozen or detached encoder would leave them equal)...
+    after = encoder.state_dict()
+    unchanged = [k for k, v in before.items() if v.is_floating_point() and torch.equal(v, after[k])]
+    assert not unchanged
+    # ...and the trained classifier separates the two brightness classes it was fine-tuned on (1 of 6 seeds does
+    # after 2 epochs, all 6 after 10).
+    assert ft.top1(model, tiny_set(), torch.device("cpu"), res=8) == 1.0
+
+
+@pytest.mark.parametrize(("small_images", "width"), [(True, 4), (False, 2)])
+def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypatch, small_images, width):
+    trained, _ = build_backbone("resnet18", small_images=small_images, width=width)
+    save_backbone(tmp_path / "backbone.pt", trained, arch="resnet18", width=width, small_images=small_images, res=16)
+    saved = torch.load(tmp_path / "backbone.pt", weights_only=True)["state_dict"]
+    started_from = []
+
+    def recording_finetune(encoder, *args, **kwargs):
+        started_from.append({k: v.clone() for k, v in encoder.state_dict().items()})
+        return real_finetune(encoder, *args, **kwargs)
+
+    real_finetune = ft.finetune
+    monkeypatch.setattr(ft, "finetune", recording_finetune)
+    encoder, info = ft.load_backbone(tmp_path / "backbone.pt")
+    results, _ = ft.compare_on_subsets(encoder, info, tiny_set(side=16), tiny_set(8, side=16), [0.5], "cpu", 16,
+                                       ft.FinetuneSettings(epochs=1, batch_size=4), log=lambda line: None)
+    pretrained, random_init = started_from
+    # Both start from the saved file's tensors' names and shapes (arch, width and stem); only the values differ.
+    for state in (pretrained, random_init):
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in saved.items()}
+    assert all(torch.equal(pretrained[k], saved[k]) for k in saved)
+    assert not torch.equal(random_init["conv1.weight"], saved["conv1.weight"])
+    assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())  # the caller's encoder is kept
+    assert set(results["50%"]) >= {"labels", "finetune_top1", "random_init_finetune_top1", "frozen_probe_top1",
+                                   "epochs", "seconds"}
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the folder scans' own lines come first
+    errors = [line for line in err if line.startswith("evaluation.finetune: error: ")]
+    assert errors == err[-1:] and "Traceback" not in "\n".join(err)
+    return errors[0].removeprefix("evaluation.finetune: error: ")
+
+
+def test_the_command_end_to_end_on_cpu(tmp_path, capsys):
+    train_root, test_root = folders(tmp_path)
+    trained, _ = build_backbone("resnet18", small_images=True, width=2)
+    checkpoint = tmp_path / "run" / "backbone.pt"
+    checkpoint.parent.mkdir()
+    save_backbone(checkpoint, trained, arch="resnet18", width=2, small_images=True, res=8)
+    common = ["--checkpoint", str(checkpoint), "--data", train_root, "--device", "cpu"]
+    assert ft.main([*common, "--val-data", test_root, "--labels", "50%", "--epochs", "2", "--batch-size", "2"]) == 0
+    assert "fine-tune 50%: " in capsys.readouterr().out
+    written = json.loads((checkpoint.parent / "finetune.json").read_text())
+    result = written["results"]["50%"]
+    assert result["labels"] == 4 and result["per_class"] == [2, 2] and result["epochs"] == 2
+    assert all(0 <= result[k] <= 1 for k in ("finetune_top1", "random_init_finetune_top1", "frozen_probe_top1"))
+    assert written["test_images"] == 4 and written["network"]["width"] == 2
+    subsets = json.loads((checkpoint.parent / written["subsets_file"]).read_text())["subsets"]["50%"]
+    assert Counter(Path(f).parent.name for f in subsets["files"]) == {"a": 2, "b": 2}
+    assert all(Path(f).is_relative_to(train_root) for f in subsets["files"])
+    # Bad input: one line each, before anything trains.
+    assert error_line(capsys, [*common, "--val-data", test_root, "--labels", "0%"]).startswith("--labels 0%: give")
+    assert error_line(capsys, [*common, "--val-data", test_root, "--labels", "10%"]) == (
+        "10% of 8 labelled training images is fewer than one per class for 2 classes: give at least 25%")
+    assert "also give --val-data" in error_line(capsys, common)
+    assert error_line(capsys, [*common, "--val-data", train_root]).startswith("--val-data shares 8 image files")
+    assert error_line(capsys, ["--checkpoint", str(tmp_path / "none.pt")]).startswith("--checkpoint ")
