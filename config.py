@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
-from models.backbones import ARCHS, SMALL_IMAGE_MAX_RES
+from datasources.builtin import parse_builtin
+from datasources.fashion_mnist import IMAGE_SIDE
+from models.backbones import ARCHS, DEFAULT_WIDTH, SMALL_IMAGE_MAX_RES
 from models.step import AUTOCAST_DTYPES
 from optim.factory import OPTIMIZERS
+from optim.schedules import MAX_WARMUP_FRACTION
 from pipelines.registry import LOADER_MODULES, default_loader
-from pipelines.views import JITTER_MODES
+from pipelines.views import BYOL_VIEWS, JITTER_MODES
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,30 @@ ABOVE_0 = Bound(lambda v: v > 0, "above 0")
 # shape the saved tensors (the networks, the optimizer state: they cannot load), QUIET for where and how
 # fast the run goes and how often it logs; every other change is NOTED in the resume line.
 REFUSED, QUIET, NOTED = "refused", "quiet", "noted"
+
+# The recipe's values by run length (docs/recipe.md): (from this many epochs on, value), longest runs first.
+# `resolved` reads them and the --help text is written from them, so the two cannot disagree.
+BASE_LR_BY_EPOCHS = ((1000, 0.2), (300, 0.3), (0, 0.45))
+WEIGHT_DECAY_BY_EPOCHS = ((1000, 1.5e-6), (0, 1e-6))
+TAU_BY_EPOCHS = ((1000, 0.996), (41, 0.99), (0, 0.97))
+# Small images (--res <= 64) take solo-learn's CIFAR BYOL recipe where it differs from ImageNet's.
+SMALL_IMAGE_RECIPE = {"base_lr": 1.0, "weight_decay": 1e-5, "eta": 0.02, "tau_base": 0.99}
+ETA = 1e-3
+# The view size of data other than the built-in dataset (whose own size is IMAGE_SIDE), and the encoders.
+DEFAULT_RES, SMALL_IMAGE_ARCH, ARCH = 224, "resnet18", "resnet50"
+
+
+def by_epochs(table: tuple[tuple[int, float], ...], epochs: int) -> float:
+    """The value of a *_BY_EPOCHS table for a run of `epochs`."""
+    return next(value for start, value in table if epochs >= start)
+
+
+def _recipe_help(name: str, table: tuple[tuple[int, float], ...]) -> str:
+    """'default: 1.0 for small images; else 0.2 from 1000 epochs, 0.3 from 300, 0.45 below'."""
+    (first_start, first), *rest = table
+    steps = [f"{first:g} from {first_start} epochs"] + [f"{value:g} from {start}" for start, value in rest[:-1]]
+    return (f"default: {SMALL_IMAGE_RECIPE[name]:g} for small images; else {', '.join(steps)}, "
+            f"{rest[-1][1]:g} below")
 
 
 def option(default: Any, help: str, choices: Iterable[str] | None = None, *, bound: Bound | None = None,
@@ -66,7 +93,8 @@ class TrainConfig:
     loader: str | None = option(None, "data loader (default: ffcv for a .beton, else dali where installed, else "
                                 "torchvision; synthetic makes random views and reads no data)",
                                 LOADER_MODULES)
-    data: str = option("fashion-mnist", "ImageFolder root, .beton file (ffcv), or built-in dataset name")
+    data: str = option("fashion-mnist", "ImageFolder root (root/<class>/<image>; the class folders are only read by "
+                       "the evaluation), .beton file (ffcv), or the built-in fashion-mnist[:<idx folder>]")
     gpus: int | None = option(None, "GPUs to train on, one process each (default: all visible GPUs, 0 on a "
                               "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead",
                               bound=NOT_NEGATIVE, on_resume=QUIET)
@@ -74,37 +102,41 @@ class TrainConfig:
                                 ("cpu", "cuda"), on_resume=QUIET)
     processes: int = option(1, "CPU processes (gloo DDP) when --gpus 0: exercises the distributed path without "
                             "GPUs", bound=AT_LEAST_1, on_resume=QUIET)
-    arch: str = option("resnet50", "encoder", ARCHS, on_resume=REFUSED)
-    small_images: bool | None = option(None, "small-image form: CIFAR-style stem, no view blur and solo-learn's "
-                                       f"CIFAR optimiser defaults (default: on when --res <= {SMALL_IMAGE_MAX_RES})",
-                                       on_resume=REFUSED)
-    width: int = option(64, "backbone width: channels of the stem and first stage, stages 1-2-4-8x it (64 = "
-                        "torchvision's ResNets; e.g. 16 for a quick CPU run)", bound=AT_LEAST_1, on_resume=REFUSED)
-    blur: bool | None = option(None, "Gaussian blur in the views (default: the recipe's, none for small images)")
+    arch: str | None = option(None, f"encoder (default: {SMALL_IMAGE_ARCH} for small images, else {ARCH})", ARCHS,
+                              on_resume=REFUSED)
+    small_images: bool | None = option(None, "small-image form: CIFAR-style stem (3x3 conv, no max-pool), no view "
+                                       "blur and solo-learn's CIFAR optimiser defaults (default: on when --res <= "
+                                       f"{SMALL_IMAGE_MAX_RES})", on_resume=REFUSED)
+    width: int = option(DEFAULT_WIDTH, "backbone width: channels of the stem and first stage, stages 1-2-4-8x it "
+                        f"({DEFAULT_WIDTH} = torchvision's ResNets; e.g. 8 for a quick CPU run)", bound=AT_LEAST_1,
+                        on_resume=REFUSED)
+    blur: bool | None = option(None, "Gaussian blur in the views (default: on, off for small images)")
     jitter: str = option("official", "colour-jitter formulas: the official BYOL code's (additive brightness, HSV "
                          "saturation) or torchvision's ColorJitter", JITTER_MODES)
-    res: int = option(224, "output resolution of both views")
+    res: int | None = option(None, f"side in px of both views (default: {IMAGE_SIDE} for the built-in fashion-mnist, "
+                             f"its images' own size; {DEFAULT_RES} for other data)", bound=AT_LEAST_1)
     in_memory: bool = option(True, "ffcv: the .beton fits in RAM (random order, OS page cache); --no-in-memory "
                              "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)")
-    min_scale: float | None = option(None, "smallest random-resized-crop area fraction (recipe: 0.08)")
+    min_scale: float | None = option(None, "smallest random-resized-crop area fraction (default: the recipe's "
+                                     f"{BYOL_VIEWS.crop_scale[0]:g})")
     batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)",
                              bound=AT_LEAST_1)
     epochs: int = option(100, "training epochs", bound=AT_LEAST_1)
-    steps: int | None = option(None, "stop after this many optimizer steps (schedule still spans them)",
-                               bound=AT_LEAST_1)
+    steps: int | None = option(None, "the run's length in optimizer steps; the schedule spans them (default: "
+                               "--epochs x the steps of an epoch)", bound=AT_LEAST_1)
     optimizer: str = option("lars", "optimizer (lars-loop: the fused lars's formula one parameter at a time, "
                             "the reference; torch-optimizer-lars: the LARC formula)", OPTIMIZERS, on_resume=REFUSED)
-    base_lr: float | None = option(None, "lr per 256 images (recipe: 0.2 @1000 ep, 0.3 @300, 0.45 @<=100; "
-                                   "small images: 1.0)", bound=ABOVE_0)
-    weight_decay: float | None = option(None, "weight decay (recipe: 1.5e-6 @1000 ep, else 1e-6; small images: "
-                                        "1e-5)", bound=Bound(lambda v: v >= 0, "0 or more"))
+    base_lr: float | None = option(None, f"lr per 256 images ({_recipe_help('base_lr', BASE_LR_BY_EPOCHS)})",
+                                   bound=ABOVE_0)
+    weight_decay: float | None = option(None, f"weight decay ({_recipe_help('weight_decay', WEIGHT_DECAY_BY_EPOCHS)})",
+                                        bound=Bound(lambda v: v >= 0, "0 or more"))
     momentum: float = option(0.9, "LARS momentum", bound=Bound(lambda v: 0 <= v < 1, "in [0, 1)"))
-    eta: float | None = option(None, "LARS trust coefficient (recipe: 1e-3; small images: 0.02)",
-                               bound=ABOVE_0)
-    warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, at most a tenth of the run",
-                                  bound=NOT_NEGATIVE)
-    tau_base: float | None = option(None, "target EMA base (recipe: 0.996 @1000 ep, 0.99 @100-300, 0.97 @<=40; "
-                                    "small images: 0.99)",
+    eta: float | None = option(None, f"LARS trust coefficient (default: {SMALL_IMAGE_RECIPE['eta']:g} for small "
+                               f"images, else {ETA:g})", bound=ABOVE_0)
+    # argparse formats help with %: "%%" prints one.
+    warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, capped at "
+                                  f"{100 * MAX_WARMUP_FRACTION:g}%% of the run's steps", bound=NOT_NEGATIVE)
+    tau_base: float | None = option(None, f"target EMA base ({_recipe_help('tau_base', TAU_BY_EPOCHS)})",
                                     bound=Bound(lambda v: 0 <= v <= 1, "in [0, 1] (the target's EMA weight on its own "
                                                 "past)"))
     hidden_dim: int = option(4096, "projector/predictor hidden width", bound=AT_LEAST_1, on_resume=REFUSED)
@@ -121,15 +153,16 @@ class TrainConfig:
     seed: int = option(0, "random seed")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible resume; slower)")
     log_every: int = option(10, "read metrics from the device every N steps", bound=AT_LEAST_1, on_resume=QUIET)
-    out: str = option("runs/byol", "output folder: checkpoints/, metrics.csv/.jsonl, metrics.png, backbone.pt",
-                      on_resume=QUIET)
+    out: str = option("runs/byol", "output folder: checkpoints/, metrics.csv/.jsonl, metrics.png, backbone.pt, "
+                      "eval.json (with --eval-every), tensorboard/ (if tensorboard is installed)", on_resume=QUIET)
     resume: bool = option(False, "continue from the newest valid checkpoint in --out (starts fresh if there is "
                           "none)", on_resume=QUIET)
-    eval_every: int = option(0, "kNN monitor every N epochs and kNN + linear probe at the end (0: off)",
-                             bound=NOT_NEGATIVE)
-    val_data: str | None = option(None, "labelled ImageFolder the evaluation reports on when --data is a folder")
-    eval_limit: int | None = option(None, "evaluate on at most N evenly spaced train and N test images (CPU runs)",
-                                    bound=AT_LEAST_1)
+    eval_every: int = option(0, "kNN monitor every N epochs and kNN + linear probe at the end (0: off); with a "
+                             "folder as --data it needs --val-data", bound=NOT_NEGATIVE)
+    val_data: str | None = option(None, "labelled ImageFolder (root/<class>/<image>) the evaluation reports on when "
+                                  "--data is a folder (default: none; the built-in dataset has its test split)")
+    eval_limit: int | None = option(None, "evaluate on at most N evenly spaced train and N test images, e.g. for CPU "
+                                    "runs (default: all)", bound=AT_LEAST_1)
     checkpoint_every: int = option(1, "save a checkpoint every N epochs (0: off)", bound=NOT_NEGATIVE)
     checkpoint_minutes: float = option(30.0, "also save every M minutes of training (0: off)", bound=NOT_NEGATIVE)
     time_limit: float = option(0.0, "stop training after M minutes of it (counted over resumes), save, then "
@@ -140,17 +173,15 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill the None options with the recipe's values for this run length and image size."""
-        long, medium = self.epochs >= 1000, self.epochs >= 300
-        small = self.res <= SMALL_IMAGE_MAX_RES if self.small_images is None else self.small_images
-        # Small images follow solo-learn's CIFAR BYOL recipe where it differs from ImageNet's.
-        recipe = {
-            "base_lr": 1.0 if small else 0.2 if long else 0.3 if medium else 0.45,
-            "weight_decay": 1e-5 if small else 1.5e-6 if long else 1e-6,
-            "eta": 0.02 if small else 1e-3,
-            "tau_base": 0.99 if small else 0.996 if long else 0.99 if self.epochs > 40 else 0.97,
-            "small_images": small,
-            "blur": not small,
-        }
+        # The built-in dataset's images are IMAGE_SIDE px: upsampling them to ImageNet's size would cost
+        # 64x the memory and compute for no information.
+        res = self.res or (IMAGE_SIDE if parse_builtin(self.data) is not None else DEFAULT_RES)
+        small = res <= SMALL_IMAGE_MAX_RES if self.small_images is None else self.small_images
+        recipe = {"res": res, "small_images": small, "blur": not small, "arch": SMALL_IMAGE_ARCH if small else ARCH}
+        recipe |= SMALL_IMAGE_RECIPE if small else {
+            "base_lr": by_epochs(BASE_LR_BY_EPOCHS, self.epochs), "eta": ETA,
+            "weight_decay": by_epochs(WEIGHT_DECAY_BY_EPOCHS, self.epochs),
+            "tau_base": by_epochs(TAU_BY_EPOCHS, self.epochs)}
         if self.device is not None and self.gpus is not None and (self.device == "cpu") != (self.gpus == 0):
             raise ValueError(f"--device {self.device} contradicts --gpus {self.gpus}; give one of them")
         recipe["gpus"] = 0 if self.device == "cpu" else None

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+# Every image is IMAGE_SIDE x IMAGE_SIDE pixels (the trainer's default --res for it).
+IMAGE_SIDE = 28
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot")
 _PREFIX = {"train": "train", "test": "t10k"}

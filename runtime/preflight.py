@@ -13,6 +13,7 @@ from datasources.builtin import FASHION_MNIST, parse_builtin
 from pipelines.registry import INSTALL_HINTS, is_available
 from pipelines.views import BYOL_VIEWS
 from runtime.distributed import local_processes, planned_processes, under_launcher, visible_gpus
+from runtime.memory import check_fits
 
 
 def _require(ok: bool, message: str) -> None:
@@ -44,7 +45,7 @@ def check(cfg: TrainConfig) -> int:
         _require(gpus <= visible_gpus(), f"--gpus {gpus}: only {visible_gpus()} GPU(s) visible on this machine")
         _require(gpus == 0 or cfg.processes == 1,
                  "--processes is for CPU runs (--gpus 0); with GPUs there is one process per GPU")
-    _, world_size = planned_processes(cfg.gpus, cfg.processes)
+    gpus, world_size = planned_processes(cfg.gpus, cfg.processes)
     _require(cfg.batch_size % world_size == 0,
              f"--batch-size {cfg.batch_size} (global) is not divisible by the {world_size} processes")
 
@@ -71,6 +72,8 @@ def check(cfg: TrainConfig) -> int:
 
     out = Path(cfg.out)
     _require(not out.exists() or out.is_dir(), f"--out {cfg.out} exists and is not a folder")
+    # Last: the estimate builds the networks on the meta device, worth it only for a run that passed the rest.
+    check_fits(cfg, world_size, use_cuda=gpus > 0 and visible_gpus() > 0)
     return world_size
 
 

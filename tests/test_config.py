@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import fields
 
 import pytest
 import torch
 
 from config import TrainConfig, build_parser, config_from_args, parse_config
+from optim.schedules import warmup_steps
+from pipelines.views import BYOL_VIEWS
 
 
 def test_config_defaults_follow_the_recipe():
-    cfg = config_from_args(build_parser().parse_args(["--epochs", "1000"])).resolved()
-    assert (cfg.base_lr, cfg.weight_decay, cfg.tau_base) == (0.2, 1.5e-6, 0.996)
-    short = TrainConfig(epochs=40).resolved()
+    cfg = config_from_args(build_parser().parse_args(["--epochs", "1000", "--data", "photos"])).resolved()
+    assert (cfg.arch, cfg.res, cfg.base_lr, cfg.weight_decay, cfg.tau_base) == ("resnet50", 224, 0.2, 1.5e-6, 0.996)
+    short = TrainConfig(epochs=40, res=224).resolved()
     assert (short.base_lr, short.weight_decay, short.tau_base, short.eta) == (0.45, 1e-6, 0.97, 1e-3)
     assert short.small_images is False and short.blur is True
     # Small images take solo-learn's CIFAR recipe: no blur, lr 1.0, wd 1e-5, eta 0.02, tau 0.99.
@@ -23,6 +27,7 @@ def test_config_defaults_follow_the_recipe():
     # Each stays overridable, and an explicit --no-small-images gives the ImageNet recipe at any size.
     assert TrainConfig(res=28, blur=True, eta=0.01).resolved().blur is True
     assert TrainConfig(res=28, small_images=False).resolved().base_lr == 0.45
+    assert TrainConfig(res=28, small_images=False).resolved().arch == "resnet50"
     assert TrainConfig().jitter == "official" and parse_config(["--jitter", "torchvision"]).jitter == "torchvision"
     assert build_parser().parse_args(["--no-compile"]).compile is False
 
@@ -36,6 +41,59 @@ def test_defaults_follow_the_machine_and_the_data(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     assert cpu.workers == cores and TrainConfig(processes=2).resolved().workers == max(1, cores // 2)
     assert TrainConfig(loader="torchvision", workers=1, compile=True).resolved().workers == 1
+
+
+def test_the_built_in_dataset_gets_the_small_image_recipe_at_its_own_size():
+    # Its images are 28 x 28 (the idx header says so): a bare `train.py` must not upsample them 8x per side.
+    bare = parse_config([]).resolved()
+    assert (bare.data, bare.res, bare.small_images, bare.arch, bare.blur) == ("fashion-mnist", 28, True, "resnet18",
+                                                                               False)
+    assert parse_config(["--data", "fashion-mnist:/srv/fmnist"]).resolved().res == 28
+    assert parse_config(["--data", "photos", "--res", "96"]).resolved().arch == "resnet50"
+
+
+# The recipe by run length, written out by hand from docs/recipe.md: epochs -> (base lr, weight decay, tau).
+RECIPE = {40: (0.45, 1e-6, 0.97), 41: (0.45, 1e-6, 0.99), 299: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99),
+          999: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
+
+
+def help_of(flag: str) -> str:
+    text = " ".join(build_parser().format_help().split("options:", 1)[1].split())  # argparse wraps lines
+    return text[text.index(f"{flag} {flag[2:].upper().replace('-', '_')}"):].split(" --", 1)[0]
+
+
+@pytest.mark.parametrize(("flag", "column"), [("--base-lr", 0), ("--weight-decay", 1), ("--tau-base", 2)])
+def test_the_help_states_the_recipe_the_code_resolves(flag, column):
+    said = help_of(flag)
+    # "else 0.2 from 1000 epochs, 0.3 from 300, 0.45 below": every value the help names, at each boundary.
+    ladder = re.search(r"else (.*) below", said)[1]
+    steps = [(int(start), float(value)) for value, start in re.findall(r"([\d.e-]+) from (\d+)", ladder)]
+    below = float(ladder.rsplit(", ", 1)[1])
+    for epochs, expected in RECIPE.items():
+        resolved = getattr(TrainConfig(epochs=epochs, res=224).resolved(), flag[2:].replace("-", "_"))
+        assert resolved == expected[column]
+        assert resolved == next((value for start, value in steps if epochs >= start), below), said
+    small = float(re.search(r"default: ([\d.e-]+) for small images", said)[1])
+    assert small == getattr(TrainConfig(res=28).resolved(), flag[2:].replace("-", "_"))
+
+
+def test_every_option_says_its_default_in_the_help():
+    text = " ".join(build_parser().format_help().split())
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+        assert f.default is None or f"(default: {f.default})" in text, f.name
+    # The options whose default is a rule: the rule, with the values `resolved` gives (checked below).
+    for says in ["--eta ETA LARS trust coefficient (default: 0.02 for small images, else 0.001)",
+                 "capped at 10% of the run's steps (default: 10.0)", "(default: the recipe's 0.08)",
+                 "(default: resnet18 for small images, else resnet50)", "(default: 28 for the built-in fashion-mnist",
+                 "(default: on, off for small images)", "(default: on when --res <= 64)", "(default: all)",
+                 "(default: --epochs x the steps of an epoch)"]:
+        assert says in text
+    small, large = TrainConfig(res=28).resolved(), TrainConfig(res=65).resolved()
+    assert (small.eta, small.arch, small.blur, small.small_images) == (0.02, "resnet18", False, True)
+    assert (large.eta, large.arch, large.blur, large.small_images) == (1e-3, "resnet50", True, False)
+    assert BYOL_VIEWS.with_overrides(min_scale=large.min_scale).crop_scale[0] == 0.08
+    assert warmup_steps(1000, 100, 10.0) == 100 and warmup_steps(1000, 100, 50.0) == 100  # the 10% cap
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])

@@ -53,7 +53,9 @@ def test_run_saves_a_final_checkpoint_and_a_torchvision_backbone(finished_run):
     [path] = CheckpointDir(out / "checkpoints", keep=3).paths()
     state = load_checkpoint(path)
     assert state["step"] == 4 and state["config"]["arch"] == "resnet18" and len(state["rng"]) == 1
-    weights = torch.load(out / "backbone.pt", weights_only=True)
+    weights = torch.load(out / "backbone.pt", weights_only=True)["state_dict"]
+    # The done line says where it loads: a full-width standard stem is a stock torchvision state_dict.
+    assert "torch.load(it)['state_dict'] loads into torchvision.models.resnet18() with strict=False" in result.stdout
     encoder = {k.removeprefix("encoder."): v for k, v in state["online"].items() if k.startswith("encoder.")}
     assert encoder.keys() == weights.keys() and all(torch.equal(weights[k], v) for k, v in encoder.items())
     loaded = tvm.resnet18().load_state_dict(weights, strict=False)
