@@ -45,6 +45,10 @@ ABOVE_0 = Bound(lambda v: v > 0, "above 0")
 # shape the saved tensors (the networks, the optimizer state: they cannot load), QUIET for where and how
 # fast the run goes and how often it logs; every other change is NOTED in the resume line.
 REFUSED, QUIET, NOTED = "refused", "quiet", "noted"
+# FIXED: the run's schedule and data (length, batch, optimiser hyper-parameters, views, data, seed). Changing one
+# mid-run would stretch or cut a schedule already under way (the lr jumps back up) or continue on other data:
+# refused too, with the advice to start a new run in another --out.
+FIXED = "fixed"
 
 # The recipe's values by run length (docs/recipe.md): (from this many epochs on, value), longest runs first.
 # `resolved` reads them and the --help text is written from them, so the two cannot disagree.
@@ -81,7 +85,7 @@ def option(default: Any, help: str, choices: Iterable[str] | None = None, *, bou
     help: the --help text.
     choices: the accepted values (from the registry that defines them).
     bound: the accepted range, checked before any process starts (None values are always accepted).
-    on_resume: REFUSED, QUIET or NOTED (above).
+    on_resume: REFUSED, FIXED, QUIET or NOTED (above).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "bound": bound,
                 "on_resume": on_resume}
@@ -92,9 +96,10 @@ def option(default: Any, help: str, choices: Iterable[str] | None = None, *, bou
 class TrainConfig:
     loader: str | None = option(None, "data loader (default: ffcv for a .beton, else dali where installed, else "
                                 "torchvision; synthetic makes random views and reads no data)",
-                                LOADER_MODULES)
+                                LOADER_MODULES, on_resume=FIXED)
     data: str = option("fashion-mnist", "ImageFolder root (root/<class>/<image>; the class folders are only read by "
-                       "the evaluation), .beton file (ffcv), or the built-in fashion-mnist[:<idx folder>]")
+                       "the evaluation), .beton file (ffcv), or the built-in fashion-mnist[:<idx folder>]",
+                       on_resume=FIXED)
     gpus: int | None = option(None, "GPUs to train on, one process each (default: all visible GPUs, 0 on a "
                               "CPU-only machine; 0 = CPU). Under torchrun the launcher decides instead",
                               bound=NOT_NEGATIVE, on_resume=QUIET)
@@ -110,38 +115,41 @@ class TrainConfig:
     width: int = option(DEFAULT_WIDTH, "backbone width: channels of the stem and first stage, stages 1-2-4-8x it "
                         f"({DEFAULT_WIDTH} = torchvision's ResNets; e.g. 8 for a quick CPU run)", bound=AT_LEAST_1,
                         on_resume=REFUSED)
-    blur: bool | None = option(None, "Gaussian blur in the views (default: on, off for small images)")
+    blur: bool | None = option(None, "Gaussian blur in the views (default: on, off for small images)", on_resume=FIXED)
     jitter: str = option("official", "colour-jitter formulas: the official BYOL code's (additive brightness, HSV "
-                         "saturation) or torchvision's ColorJitter", JITTER_MODES)
+                         "saturation) or torchvision's ColorJitter", JITTER_MODES, on_resume=FIXED)
     res: int | None = option(None, f"side in px of both views (default: {IMAGE_SIDE} for the built-in fashion-mnist, "
-                             f"its images' own size; {DEFAULT_RES} for other data)", bound=AT_LEAST_1)
+                             f"its images' own size; {DEFAULT_RES} for other data)", bound=AT_LEAST_1, on_resume=FIXED)
     in_memory: bool = option(True, "ffcv: the .beton fits in RAM (random order, OS page cache); --no-in-memory "
-                             "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)")
+                             "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)", on_resume=FIXED)
     min_scale: float | None = option(None, "smallest random-resized-crop area fraction (default: the recipe's "
-                                     f"{BYOL_VIEWS.crop_scale[0]:g})")
+                                     f"{BYOL_VIEWS.crop_scale[0]:g})", on_resume=FIXED)
     batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)",
-                             bound=AT_LEAST_1)
-    epochs: int = option(100, "training epochs", bound=AT_LEAST_1)
+                             bound=AT_LEAST_1, on_resume=FIXED)
+    epochs: int = option(100, "training epochs", bound=AT_LEAST_1, on_resume=FIXED)
     steps: int | None = option(None, "the run's length in optimizer steps; the schedule spans them (default: "
-                               "--epochs x the steps of an epoch)", bound=AT_LEAST_1)
+                               "--epochs x the steps of an epoch)", bound=AT_LEAST_1, on_resume=FIXED)
     optimizer: str = option("lars", "optimizer (lars-loop: the fused lars's formula one parameter at a time, "
                             "the reference; torch-optimizer-lars: the LARC formula)", OPTIMIZERS, on_resume=REFUSED)
     base_lr: float | None = option(None, f"lr per 256 images ({_recipe_help('base_lr', BASE_LR_BY_EPOCHS)})",
-                                   bound=ABOVE_0)
+                                   bound=ABOVE_0, on_resume=FIXED)
     weight_decay: float | None = option(None, f"weight decay ({_recipe_help('weight_decay', WEIGHT_DECAY_BY_EPOCHS)})",
-                                        bound=Bound(lambda v: v >= 0, "0 or more"))
-    momentum: float = option(0.9, "LARS momentum", bound=Bound(lambda v: 0 <= v < 1, "in [0, 1)"))
+                                        bound=Bound(lambda v: v >= 0, "0 or more"), on_resume=FIXED)
+    momentum: float = option(0.9, "LARS momentum", bound=Bound(lambda v: 0 <= v < 1, "in [0, 1)"),
+                            on_resume=FIXED)
     eta: float | None = option(None, f"LARS trust coefficient (default: {SMALL_IMAGE_RECIPE['eta']:g} for small "
-                               f"images, else {ETA:g})", bound=ABOVE_0)
+                               f"images, else {ETA:g})", bound=ABOVE_0, on_resume=FIXED)
     # argparse formats help with %: "%%" prints one.
     warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, capped at "
-                                  f"{100 * MAX_WARMUP_FRACTION:g}%% of the run's steps", bound=NOT_NEGATIVE)
+                                  f"{100 * MAX_WARMUP_FRACTION:g}%% of the run's steps", bound=NOT_NEGATIVE,
+                                  on_resume=FIXED)
     tau_base: float | None = option(None, f"target EMA base ({_recipe_help('tau_base', TAU_BY_EPOCHS)})",
                                     bound=Bound(lambda v: 0 <= v <= 1, "in [0, 1] (the target's EMA weight on its own "
-                                                "past)"))
+                                                "past)"), on_resume=FIXED)
     hidden_dim: int = option(4096, "projector/predictor hidden width", bound=AT_LEAST_1, on_resume=REFUSED)
     proj_dim: int = option(256, "projection size", bound=AT_LEAST_1, on_resume=REFUSED)
-    bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views")
+    bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views",
+                               on_resume=FIXED)
     sync_bn: bool = option(True, "cross-replica BatchNorm over all processes in online and target networks")
     precision: str = option("bf16", "autocast precision (a CPU without native bf16 runs fp32)",
                             AUTOCAST_DTYPES)
@@ -150,7 +158,7 @@ class TrainConfig:
     workers: int | None = option(None, "loader worker threads/processes per training process (default: this "
                                  "machine's usable cores divided among its training processes)", bound=NOT_NEGATIVE,
                                  on_resume=QUIET)
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed", on_resume=FIXED)
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible resume; slower)")
     log_every: int = option(10, "read metrics from the device every N steps", bound=AT_LEAST_1, on_resume=QUIET)
     out: str = option("runs/byol", "output folder: checkpoints/, metrics.csv/.jsonl, metrics.png, backbone.pt, "

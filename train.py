@@ -73,7 +73,8 @@ def train(cfg: TrainConfig, world: World) -> int:
     if step == total and final_outputs_exist(cfg, out):
         if world.is_main:
             print(f"nothing left to do: the checkpoint in {ckpts.folder} is at step {step} of {total} and "
-                  f"the run's outputs are in {out}; raise --steps (or --epochs) to train on")
+                  f"the run's outputs are in {out}; a longer run is a new run: pass another --out with its --epochs "
+                  "or --steps")
         return 0
     # Labelled splits for the kNN monitor / final probe on every rank: each extracts its shard's features.
     eval_sets = eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit, cfg.workers) \

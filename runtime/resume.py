@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config import QUIET, REFUSED, TrainConfig, option_flag, options_on_resume
+from config import FIXED, QUIET, REFUSED, TrainConfig, option_flag, options_on_resume
 from models.byol import BYOL
 from models.step import ByolStep
 from runtime.assembly import seed_all
@@ -10,13 +10,18 @@ from runtime.checkpoint import CheckpointDir, restore_training_state, set_rng_st
 from runtime.distributed import World
 
 
-def incompatible_options(saved: dict, cfg: TrainConfig) -> list[str]:
-    """'--arch resnet18 -> resnet34' for each option whose change makes the saved tensors unloadable."""
+def incompatible_options(saved: dict, cfg: TrainConfig, rule: str = REFUSED) -> list[str]:
+    """'--arch resnet18 -> resnet34' for each option of `rule` (REFUSED: the saved tensors would not load; FIXED:
+    the schedule or the data would change) that differs from the checkpoint's."""
     now = cfg.to_dict()
-    changed = [name for name in options_on_resume(REFUSED) if name in saved and saved[name] != now[name]]
-    if "small_images" in changed and saved.get("res") != now["res"]:
+    changed = [name for name in options_on_resume(rule) if name in saved and saved[name] != now[name]]
+    if rule == REFUSED and "small_images" in changed and saved.get("res") != now["res"]:
         changed.insert(changed.index("small_images"), "res")  # the stem follows --res: name the cause too
-    return [f"{option_flag(name)} {saved[name]} -> {now[name]}" for name in changed]
+    return [f"{option_flag(name)} {_shown(saved[name])} -> {_shown(now[name])}" for name in changed]
+
+
+def _shown(value: object) -> str:
+    return "unset" if value is None else str(value)
 
 
 def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL, step_fn: ByolStep,
@@ -43,6 +48,11 @@ def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL, ste
     if incompatible:
         raise ValueError(f"--resume: {path} was saved with other model options ({', '.join(incompatible)}); "
                          "resume with the saved values, or choose another --out to start over")
+    other_run = incompatible_options(state["config"], cfg, FIXED)
+    if other_run:
+        raise ValueError(f"--resume: {path} belongs to a run with other schedule or data options "
+                         f"({', '.join(other_run)}); continuing it with them would stretch or cut its schedule or "
+                         "change its data: pass another --out to start a new run, or resume with the saved values")
     restore_training_state(state, byol, step_fn.optimizer, step_fn.scaler)
     if len(state["rng"]) == world.size:
         set_rng_state(state["rng"][world.rank])
@@ -63,5 +73,5 @@ def check_steps_left(step: int, total_steps: int, ckpts: CheckpointDir) -> None:
     """A checkpoint past the run's end would 'train' backwards on a finished schedule: refuse it."""
     if step > total_steps:
         raise ValueError(f"--resume: the checkpoint in {ckpts.folder} is at step {step}, past this run's "
-                         f"{total_steps} steps; raise --steps (or --epochs) to train on, or choose another --out "
-                         "to start over")
+                         f"{total_steps} steps (an epoch holds fewer batches now); pass another --out to start a "
+                         "new run")

@@ -121,11 +121,15 @@ def test_choices_come_from_the_registries():
 
 
 def test_resume_rules_live_in_the_options():
-    from config import QUIET, REFUSED, options_on_resume
+    from config import FIXED, QUIET, REFUSED, options_on_resume
 
     # What shapes the saved tensors (the networks and the optimizer state) cannot change on resume...
     assert sorted(options_on_resume(REFUSED)) == ["arch", "hidden_dim", "optimizer", "proj_dim", "small_images",
                                                   "width"]
+    # The schedule and the data cannot change mid-run either: a new run takes another --out...
+    assert sorted(options_on_resume(FIXED)) == ["base_lr", "batch_size", "blur", "bn_per_view", "data", "epochs",
+                                                "eta", "in_memory", "jitter", "loader", "min_scale", "momentum",
+                                                "res", "seed", "steps", "tau_base", "warmup_epochs", "weight_decay"]
     # ...and where and how fast the run goes, and how often it logs, changes without a note.
     assert sorted(options_on_resume(QUIET)) == ["compile", "device", "gpus", "log_every", "out", "processes",
-                                                "resume", "workers"]
+                                                "resume", "time_limit", "workers"]

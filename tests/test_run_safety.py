@@ -118,11 +118,14 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
 
 # 10. Resuming with options that change the saved tensors.
 
+FINISHED = (*TINY, "--steps", "3", "--log-every", "1")
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """A 2-step run with all its outputs (checkpoint at step 2)."""
+    """A 3-step run with all its outputs (checkpoints at steps 1, 2 and 3)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert train.main([*TINY, "--steps", "2", "--log-every", "1", "--out", str(out)]) == 0
+    assert train.main([*FINISHED, "--checkpoint-minutes", "1e-6", "--out", str(out)]) == 0
     return out
 
 
@@ -139,30 +142,49 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
 def test_resume_with_other_model_options_names_them(capsys, finished, tmp_path, change, expected):
     out = copy_of(finished, tmp_path)
     capsys.readouterr()
-    message = error_line(capsys, [*TINY, "--steps", "4", "--resume", "--out", str(out), *change])
+    message = error_line(capsys, [*FINISHED, "--resume", "--out", str(out), *change])
     assert message.startswith("--resume: ") and f"other model options ({expected})" in message
 
 
-def test_resume_may_change_length_logging_and_workers_and_carries_elapsed_time(capsys, finished, tmp_path):
+@pytest.mark.parametrize(("change", "expected"), [
+    # The README's own examples after a finished run: a shorter run, a longer one, another loader.
+    (("--steps", "300"), "--steps 3 -> 300"),
+    (("--steps", "2"), "--steps 3 -> 2"),
+    ((), "--steps 3 -> unset"),  # the run was cut with --steps; the plain command would stretch its schedule
+    (("--loader", "torchvision"), "--loader synthetic -> torchvision"),
+    (("--base-lr", "0.1", "--batch-size", "16"), "--batch-size 8 -> 16, --base-lr 1.0 -> 0.1"),
+    (("--seed", "1"), "--seed 0 -> 1"),
+])
+def test_resume_that_would_change_the_schedule_or_the_data_is_refused(capsys, finished, tmp_path, change, expected):
     out = copy_of(finished, tmp_path)
-    saved = load_checkpoint(CheckpointDir(out / "checkpoints", keep=3).paths()[0])["elapsed_s"]
+    capsys.readouterr()
+    argv = [*(FINISHED if change else TINY), "--resume", "--out", str(out), *change]
+    message = error_line(capsys, argv)
+    assert message.startswith(f"--resume: {out / 'checkpoints'}") and f"schedule or data options ({expected}); " \
+        "continuing it with them would stretch or cut its schedule or change its data: pass another --out to start " \
+        "a new run, or resume with the saved values" in message
+
+
+def test_resume_may_change_logging_and_workers_and_carries_elapsed_time(capsys, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    checkpoints = CheckpointDir(out / "checkpoints", keep=3)
+    checkpoints.paths()[0].unlink()  # as if stopped right after step 2
+    saved = load_checkpoint(checkpoints.paths()[0])["elapsed_s"]
     assert saved > 0
-    more = [*TINY[:-2], "--workers", "1", "--steps", "3", "--log-every", "2", "--resume", "--out", str(out)]
-    assert train.main(more) == 0
+    assert train.main([*FINISHED, "--workers", "1", "--log-every", "2", "--resume", "--out", str(out)]) == 0
     assert "resumed from" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[2]["elapsed_s"] > saved >= records[1]["elapsed_s"]
 
 
-def test_resume_past_the_end_is_refused_and_at_the_end_has_nothing_to_do(capsys, finished, tmp_path):
+def test_resume_at_the_end_has_nothing_to_do(capsys, finished, tmp_path):
     out = copy_of(finished, tmp_path)
     capsys.readouterr()
-    message = error_line(capsys, [*TINY, "--steps", "1", "--resume", "--out", str(out)])
-    assert "is at step 2, past this run's 1 steps; raise --steps" in message
-    assert train.main([*TINY, "--steps", "2", "--resume", "--out", str(out)]) == 0
+    assert train.main([*FINISHED, "--resume", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "nothing left to do" in printed and "step 2 of 2" in printed and "done" not in printed
+    assert "nothing left to do" in printed and "step 3 of 3" in printed and "done" not in printed
+    assert "a longer run is a new run: pass another --out" in printed
 
 
 # 11. A batch larger than the dataset.
