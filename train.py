@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from config import ConfigError, TrainConfig, parse_config
-from evaluation import EvalSet, Ranks, eval_splits, evaluate_against_baselines, knn_monitor, summary
+from evaluation import EvalSet, Ranks, effective_k, eval_splits, evaluate_against_baselines, knn_monitor, summary
 from models.byol import BYOL
 from pipelines.base import LoaderUnavailable
 from runtime import preflight
@@ -94,7 +94,7 @@ def train(cfg: TrainConfig, world: World) -> int:
                 lr, tau = schedule.lr(step), schedule.tau(step)
                 loss = step_fn(view1, view2, lr, tau)
                 step += 1
-                window.images += view1.shape[0] * world.size
+                window.step_done(view1.shape[0] * world.size)
                 epoch_done, finished = step % per_epoch == 0, step == total
                 single_stop = stop.requested and world.size == 1  # one process can stop after any step
                 if step % cfg.log_every and not (epoch_done or finished or single_stop):
@@ -109,6 +109,7 @@ def train(cfg: TrainConfig, world: World) -> int:
                 record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "tau": tau,
                           "images_per_s": images_per_s, "loader_wait": wait, "elapsed_s": saver.elapsed_s()}
                 if eval_sets and epoch_done and (epoch + 1) % cfg.eval_every == 0:
+                    record["knn_k"] = effective_k(len(eval_sets[0]), eval_sets[0].num_classes)
                     record["knn_top1"] = knn_monitor(byol.online.encoder, *eval_sets, world.device, res=cfg.res,
                                                      ranks=Ranks(world.rank, world.size))
                 if log is not None:

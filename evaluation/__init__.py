@@ -21,12 +21,13 @@ import torch.nn as nn
 from evaluation.data import ArraySet, EvalSet, FolderSet, eval_splits
 from evaluation.distributed import SINGLE_PROCESS, Ranks, gathered_features
 from evaluation.features import extract_features, pixel_features
-from evaluation.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy, knn_predict
+from evaluation.knn import DEFAULT_K, DEFAULT_TEMPERATURE, effective_k, knn_accuracy, knn_predict
 from evaluation.linear_probe import ProbeResult, linear_probe
 from pipelines.views import BYOL_VIEWS, ViewRecipe
 
 __all__ = [
-    "ArraySet", "EvalSet", "FolderSet", "ProbeResult", "Ranks", "eval_splits", "evaluate_against_baselines",
+    "ArraySet", "EvalSet", "FolderSet", "ProbeResult", "Ranks", "effective_k", "eval_splits",
+    "evaluate_against_baselines",
     "evaluate_encoder", "extract_features", "gathered_features", "knn_accuracy", "knn_monitor", "knn_predict",
     "linear_probe", "pixel_features", "summary",
 ]
@@ -98,6 +99,7 @@ def evaluate_encoder(
     probe = linear_probe(train_x, train_y, test_x, test_y, train_set.num_classes)
     return {
         "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, train_set.num_classes, k),
+        "knn_k": effective_k(len(train_x), train_set.num_classes, k),
         "linear_top1": probe.top1,
         "linear_weight_decay": probe.weight_decay,
     }
@@ -144,7 +146,7 @@ def summary(scores: dict[str, float]) -> str:
     def percent(key: str) -> str:
         return f"{100 * scores[key]:.1f}%"
 
-    knn = f"kNN top-1 {percent('knn_top1')}"
+    knn = (f"kNN (k={scores['knn_k']}) " if "knn_k" in scores else "kNN ") + f"top-1 {percent('knn_top1')}"
     linear = f"linear top-1 {percent('linear_top1')}"
     if "random_init_knn_top1" in scores:
         knn += f" (random init {percent('random_init_knn_top1')})"

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         scores = evaluate_encoder(encoder.to(device, memory_format=torch.channels_last), train_set, test_set,
                                   device, res=res, k=args.k)
-        print(f"{name}: kNN (k={min(args.k, len(train_set))}) top-1 {100 * scores['knn_top1']:.2f}%  linear top-1 "
+        print(f"{name}: kNN (k={scores['knn_k']}) top-1 {100 * scores['knn_top1']:.2f}%  linear top-1 "
               f"{100 * scores['linear_top1']:.2f}%  (wd {scores['linear_weight_decay']:g}, "
               f"{time.perf_counter() - start:.0f} s)")
     if args.baselines and isinstance(train_set, ArraySet):

@@ -15,6 +15,14 @@ DEFAULT_TEMPERATURE = 0.07
 QUERY_CHUNK = 1024
 
 
+def effective_k(bank_size: int, num_classes: int, k: int = DEFAULT_K) -> int:
+    """The neighbours a kNN evaluation uses: `k`, at most half of a class's average share of the bank.
+
+    More neighbours than a class has images make the vote one of the whole bank: with 200 images of 10
+    classes, k = 200 gave every encoder the same 9.0%."""
+    return max(1, min(k, bank_size // (2 * num_classes)))
+
+
 @torch.no_grad()
 def knn_predict(
     bank: torch.Tensor,
@@ -61,8 +69,10 @@ def knn_accuracy(
 
     Parameters
     ----------
-    bank, bank_labels, queries, num_classes, k, temperature: as `knn_predict`'s.
+    bank, bank_labels, queries, num_classes, temperature: as `knn_predict`'s.
+    k: the neighbours asked for; `effective_k` of them vote.
     query_labels: (N_queries,) int64 true classes of the queries (any device).
     """
-    predictions = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
+    predictions = knn_predict(bank, bank_labels, queries, num_classes, effective_k(len(bank), num_classes, k),
+                              temperature)
     return (predictions == query_labels.to(predictions.device)).float().mean().item()

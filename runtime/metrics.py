@@ -25,13 +25,27 @@ COLUMNS = ("step", "epoch", "loss", "lr", "tau", "images_per_s", "loader_wait", 
 
 
 class Window:
-    """Images, wall time and time blocked in the loader since the last log point."""
+    """Images, wall time and time blocked in the loader since the last log point.
+
+    The process's first step is warm-up (the loader's first batch, pipeline builds, kernel selection, compiling):
+    the first window's rate is taken from the end of that step on, so the first log line does not say "1 img/s";
+    only a window that holds nothing but that step reports it as it was."""
 
     def __init__(self) -> None:
         self.reset()
+        self.warming_up = True
+        self.after_warmup: tuple[float, float, int] | None = None  # (time, waited, images) when it ended
 
     def reset(self) -> None:
         self.start, self.waited, self.images = time.perf_counter(), 0.0, 0
+        self.after_warmup = None
+
+    def step_done(self, images: int) -> None:
+        """Count a finished step's images (over all processes)."""
+        self.images += images
+        if self.warming_up:
+            self.warming_up = False
+            self.after_warmup = (time.perf_counter(), self.waited, self.images)
 
     def timed(self, batches: Iterable[T]) -> Iterator[T]:
         """`batches` item by item, adding the time each `next()` took to the window's loader wait.
@@ -49,8 +63,11 @@ class Window:
 
     def close(self) -> tuple[float, float]:
         """(images/s, loader wait share) of the window, then start a new one."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        result = self.images / elapsed, min(1.0, self.waited / elapsed)
+        start, waited, images = self.start, self.waited, self.images
+        if self.after_warmup is not None and images > self.after_warmup[2]:
+            start, waited, images = self.after_warmup[0], waited - self.after_warmup[1], images - self.after_warmup[2]
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        result = images / elapsed, min(1.0, waited / elapsed)
         self.reset()
         return result
 
@@ -122,7 +139,8 @@ def format_record(record: dict[str, float], total_steps: int) -> str:
             f"lr {record['lr']:.4g}  tau {record['tau']:.5f}  {record['images_per_s']:,.0f} img/s  "
             f"loader wait {record['loader_wait']:.0%}")
     if "knn_top1" in record:
-        text += f"  knn top-1 {record['knn_top1']:.2%}"
+        text += f"  kNN (k={record['knn_k']}) top-1 {record['knn_top1']:.2%}" if "knn_k" in record else \
+            f"  kNN top-1 {record['knn_top1']:.2%}"
     return text
 
 

@@ -11,7 +11,16 @@ from eval_sets import gray_set, needs_fashion_mnist
 from image_files import class_folders
 from tiny_models import TinyEncoder
 
-from evaluation import ArraySet, evaluate_encoder, extract_features, knn_predict, linear_probe, pixel_features
+from evaluation import (
+    ArraySet,
+    effective_k,
+    evaluate_encoder,
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    pixel_features,
+)
 from evaluation.__main__ import main
 from evaluation.data import eval_splits
 from evaluation.features import prepare
@@ -177,7 +186,8 @@ def test_cli_prints_the_k_it_used(tmp_path, capsys) -> None:
     data = class_folders(tmp_path / "train", ["a", "b"], per_class=4)
     assert main(["--data", data, "--val-data", data, "--arch", "resnet18", "--width", "8", "--res", "16",
                  "--k", "200", "--device", "cpu"]) == 0
-    assert "kNN (k=8) top-1" in capsys.readouterr().out
+    # 8 images of 2 classes: k is at most half a class's share (2), not the bank (a vote of every image).
+    assert "kNN (k=2) top-1" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
@@ -186,3 +196,16 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 2
     assert main(["--data", str(tmp_path)]) == 2
     assert "--val-data" in capsys.readouterr().err
+
+
+def test_knn_k_is_at_most_half_a_class_share_of_the_bank() -> None:
+    # --eval-limit 200 on Fashion-MNIST's 10 classes: 20 images a class, so 10 neighbours, not all 200.
+    assert effective_k(200, 10) == 10 and effective_k(10_000, 10) == 200 and effective_k(3, 10) == 1
+    assert effective_k(10_000, 10, k=20) == 20
+    # 15 images of class 0 and 5 of class 1, each class at one point: with nearly equal weights (T = 1e6) a
+    # 20-neighbour vote (the whole bank) says class 0 for every query; effective_k's 5 neighbours are right.
+    bank = torch.tensor([unit(0)] * 15 + [unit(90)] * 5)
+    labels = torch.tensor([0] * 15 + [1] * 5)
+    queries, truth = torch.tensor([unit(5), unit(85)]), torch.tensor([0, 1])
+    assert knn_predict(bank, labels, queries, 2, k=20, temperature=1e6).tolist() == [0, 0]
+    assert knn_accuracy(bank, labels, queries, truth, num_classes=2, k=200, temperature=1e6) == 1.0

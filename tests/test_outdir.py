@@ -43,6 +43,29 @@ def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, 
     assert "its file system cannot lock files" in capsys.readouterr().err
 
 
+def test_a_run_leaves_no_lock_file_and_no_empty_out_it_created(tmp_path):
+    out = tmp_path / "new"
+    claim_out(TrainConfig(out=str(out))).close()  # e.g. a run refused once it held --out
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    (kept / "checkpoints").mkdir(parents=True)
+    claim_out(TrainConfig(out=str(kept))).close()
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoints"]  # an --out that was there stays
+
+
+def test_a_lock_on_a_file_its_holder_deleted_is_taken_again_on_the_new_file(tmp_path, monkeypatch):
+    # A contender opened the lock file, then its holder ended (deleting it) before the contender's flock.
+    stale = os.open(tmp_path / runtime.outdir.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    (tmp_path / runtime.outdir.LOCK_NAME).unlink()
+    opened = iter([stale])
+    real = OutLock._open_and_lock
+    monkeypatch.setattr(OutLock, "_open_and_lock", lambda self: next(opened, None) or real(self))
+    with OutLock(tmp_path) as held:
+        assert os.fstat(held._fd).st_ino == os.stat(tmp_path / runtime.outdir.LOCK_NAME).st_ino
+        with pytest.raises(ValueError, match="is in use by another run"):  # so a third run is refused
+            OutLock(tmp_path).__enter__()
+
+
 # Temp files of killed checkpoint writers.
 
 def dead_pid() -> int:

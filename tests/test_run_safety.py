@@ -163,6 +163,7 @@ def test_resume_that_would_change_the_schedule_or_the_data_is_refused(capsys, fi
     assert message.startswith(f"--resume: {out / 'checkpoints'}") and f"schedule or data options ({expected}); " \
         "continuing it with them would stretch or cut its schedule or change its data: pass another --out to start " \
         "a new run, or resume with the saved values" in message
+    assert not (out / ".fastbyol.lock").exists(), "a refused run leaves its lock file behind"
 
 
 def test_resume_may_change_logging_and_workers_and_carries_elapsed_time(capsys, finished, tmp_path):

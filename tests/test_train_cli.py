@@ -94,7 +94,9 @@ def test_real_loader_epoch_runs_the_knn_monitor_and_the_final_evaluation(photo_c
     # The same encoder at random init is measured beside it (raw pixels only for in-memory sets).
     assert 0 <= scores["random_init_knn_top1"] <= 1 and 0 <= scores["random_init_linear_top1"] <= 1
     assert "pixels_linear_top1" not in scores
-    assert "knn top-1" in result.stdout and "final evaluation: kNN top-1" in result.stdout
+    # 64 images of 4 classes: k is half a class's 16 images, on the epoch's line and in the final one.
+    assert "kNN (k=8) top-1" in result.stdout and "final evaluation: kNN (k=8) top-1" in result.stdout
+    assert records[-1]["knn_k"] == scores["knn_k"] == 8
     assert "(random init" in result.stdout
 
 
