@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
 
-from config import TrainConfig, build_parser, config_from_args, parse_config
+from config import TrainConfig, build_parser, config_from_args, option_flag, parse_config
 from optim.schedules import warmup_steps
 from pipelines.views import BYOL_VIEWS
 
@@ -94,6 +95,14 @@ def test_every_option_says_its_default_in_the_help():
     assert (large.eta, large.arch, large.blur, large.small_images) == (1e-3, "resnet50", True, False)
     assert BYOL_VIEWS.with_overrides(min_scale=large.min_scale).crop_scale[0] == 0.08
     assert warmup_steps(1000, 100, 10.0) == 100 and warmup_steps(1000, 100, 50.0) == 100  # the 10% cap
+
+
+def test_the_readme_options_table_names_every_option():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Options\n"):readme.index("\n## ", readme.index("## Options\n") + 1)]
+    rows = " ".join(line.split(" | ")[0] for line in table.splitlines() if line.startswith("| `"))
+    missing = [option_flag(f.name) for f in fields(TrainConfig) if f"`{option_flag(f.name)}" not in rows]
+    assert not missing, f"options missing from the README's options table: {missing}"
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
