@@ -28,11 +28,12 @@ from runtime.assembly import build_model
 from runtime.distributed import local_processes, under_launcher
 
 GB = 1e9
-# Peak / saved-for-backward bytes of a CPU step, measured with tests/test_memory.py's peak-RSS runs
-# (ResNet-18 and ResNet-50, 28-64 px, batch 32-256: 1.34-1.37 over the intercept): the backward's
-# activation gradients and the target network's forward live beside the saved tensors.
+# Peak / saved-for-backward bytes of a CPU step, fitted to the peak RSS (VmHWM) of train.py runs on 2 EPYC
+# cores (ResNet-18 width 16 at 32 px, batch 64 and 128: slope 1.37, intercept 66 MB; ResNet-18 width 8 and 32,
+# ResNet-50 width 8 at 28-64 px came out within 8-15% of the fit): the backward's activation gradients and
+# the target network's forward live beside the saved tensors. tests/test_memory.py re-measures two sizes.
 BACKWARD_OVERHEAD = 1.37
-# The same runs' intercept: what a step adds beyond its tensors (oneDNN scratch, allocator slack).
+# The same fit's intercept: what a step adds beyond its tensors (oneDNN scratch, allocator slack).
 CPU_OVERHEAD = 64 * 2**20
 # A CUDA context and cuDNN/cuBLAS workspaces (not measured here: no GPU was lent while this was written).
 CUDA_OVERHEAD = 2**30
