@@ -75,7 +75,7 @@ def test_train_py_runs_two_cpu_processes(tmp_path):
     # Per-view BN: 2 training-mode calls per step in each network.
     assert state["online"]["encoder.bn1.num_batches_tracked"] == state["target"]["0.bn1.num_batches_tracked"] == 4
     build_backbone("resnet18", small_images=True)[0].load_state_dict(torch.load(tmp_path / "backbone.pt",
-                                                                                weights_only=True))
+                                                                                weights_only=True)["state_dict"])
 
 
 @pytest.fixture(scope="module")
