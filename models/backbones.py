@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.models as tvm
 
 # (block, blocks per stage) of torchvision's constructors.
@@ -15,6 +17,29 @@ ARCHS = {
 SMALL_IMAGE_MAX_RES = 64
 # torchvision's stem width; stage widths are 1x, 2x, 4x, 8x of it.
 DEFAULT_WIDTH = 64
+# Fewer input channels than one AVX2 register of floats: see SubsampledPointwiseConv.
+AVX2_FLOATS = 8
+
+
+class SubsampledPointwiseConv(nn.Conv2d):
+    """A strided 1x1 conv (a ResNet shortcut) that, on the CPU with fewer than AVX2_FLOATS input channels,
+    subsamples first and then runs a stride-1 1x1 conv: the same numbers and gradients. Why: oneDNN's AVX2
+    backward of a channels_last strided 1x1 conv with fewer than 8 input channels writes past its buffer
+    (torch 2.14.1 CPU; found as "corrupted double-linked list" / a segfault in a later allocation, e.g. a
+    width-4 ResNet's shortcut), while the stride-1 kernel is sound. Elsewhere it is a plain Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.in_channels < AVX2_FLOATS:
+            return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], self.weight, self.bias)
+        return super().forward(x)
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> SubsampledPointwiseConv:
+        """A module holding `conv`'s own parameters (built on the meta device: no random numbers drawn, so a
+        width-64 net keeps torchvision's initialisation)."""
+        new = cls(conv.in_channels, conv.out_channels, 1, conv.stride, bias=conv.bias is not None, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        return new
 
 
 class ScaledResNet(tvm.ResNet):
@@ -37,7 +62,11 @@ class ScaledResNet(tvm.ResNet):
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
         if planes == DEFAULT_WIDTH:  # the first stage: it takes the (scaled) stem's output
             self.inplanes = self.width
-        return super()._make_layer(block, planes * self.width // DEFAULT_WIDTH, blocks, stride, dilate)
+        layer = super()._make_layer(block, planes * self.width // DEFAULT_WIDTH, blocks, stride, dilate)
+        shortcut = layer[0].downsample
+        if shortcut is not None and shortcut[0].stride != (1, 1):
+            shortcut[0] = SubsampledPointwiseConv.replacing(shortcut[0])
+        return layer
 
 
 def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
-from models.backbones import build_backbone
+from models.backbones import SubsampledPointwiseConv, build_backbone
 
 
 @pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet50", 2048)])
@@ -52,3 +56,51 @@ def test_default_width_is_torchvisions_network():
     assert ours.state_dict().keys() == reference.state_dict().keys()
     for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # same initialisation, draw for draw
+
+
+@pytest.mark.parametrize("channels", [4, 16])
+def test_strided_shortcut_matches_a_plain_strided_conv_in_values_and_gradients(channels):
+    torch.manual_seed(0)
+    reference = nn.Conv2d(channels, 2 * channels, 1, stride=2, bias=False)
+    ours = SubsampledPointwiseConv.replacing(nn.Conv2d(channels, 2 * channels, 1, stride=2, bias=False))
+    ours.weight = nn.Parameter(reference.weight.detach().clone())
+    x = torch.randn(8, channels, 9, 9)  # odd side: the subsample must keep the stride's first, third... pixels
+    x_ours = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    (ours(x_ours) ** 2).sum().backward()
+    (reference(x_ref) ** 2).sum().backward()
+    torch.testing.assert_close(ours(x_ours), reference(x_ref))
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+
+
+def test_every_strided_shortcut_of_a_narrow_resnet_avoids_the_broken_kernel():
+    encoder, _ = build_backbone("resnet18", small_images=True, width=4)
+    shortcuts = [m for m in encoder.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert len(shortcuts) == 3 and all(isinstance(m, SubsampledPointwiseConv) for m in shortcuts)
+
+
+# A width-4 ResNet trained channels_last after an FFCV conversion: the heap state in which oneDNN's
+# AVX2 strided 1x1 backward corrupted memory in 3 of 3 runs (a CI segfault) before the shortcut fix.
+NARROW_TRAINING = """
+import pathlib, sys, tempfile, torch
+sys.path.insert(0, "tests")
+from image_files import class_folders
+from datasources.ffcv_convert import main as ffcv_convert
+from models.backbones import build_backbone
+tmp = pathlib.Path(tempfile.mkdtemp())
+src = class_folders(tmp / "src", ["a", "b"], 20)
+assert ffcv_convert(["--src", str(src), "--out", str(tmp / "x.beton"), "--max-res", "64", "--workers", "2"]) == 0
+encoder, _ = build_backbone("resnet18", small_images=True, width=4)
+encoder = encoder.to(memory_format=torch.channels_last)
+for _ in range(20):
+    encoder(torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)).sum().backward()
+print("trained")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_narrow_resnet_trains_channels_last_on_the_cpu_without_corrupting_memory():
+    proc = subprocess.run([sys.executable, "-c", NARROW_TRAINING], capture_output=True, text=True, timeout=110,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-2000:]
