@@ -135,7 +135,7 @@ LARS_AGREEMENT_STEPS = 3
 # 16 cores (2026-12-04), the quickstart's in 115 s on 2 CPU cores; a DALI pipeline builds in seconds, an
 # ffcv Loader compiles its numba pipeline in 10-30 s. A timed run is at least MIN_RUN_S long.
 COMPILE_S = {"cuda": 100.0, "cpu": 150.0}
-LOADER_SETUP_S = {"dali": 10.0, "ffcv": 30.0}
+LOADER_SETUP_S = {"dali": 10.0, "ffcv": 20.0}
 MIN_RUN_S = 1.0
 
 
@@ -365,8 +365,9 @@ class Figure:
 class Recorder:
     """The result being measured. Each figure lands in it, derived keys are refreshed and the JSON is
     rewritten at once (atomically), so a run killed at any moment leaves a valid JSON of what finished.
-    With a budget, each figure gets an equal share of what is left after the planned set-up costs and is
-    skipped, with the reason under `skipped`, when that share cannot hold its set-up and its timed runs."""
+    With a budget, each figure's runs get an equal share of what is left after the planned set-up costs,
+    and a figure whose own set-up and shortest runs no longer fit is skipped, with the reason under
+    `skipped`: the figures planned first are the ones kept."""
 
     def __init__(self, result: dict, path: Path, plan: list[Figure], budget: Budget, beat: Heartbeat,
                  repeats: int):
@@ -386,9 +387,9 @@ class Recorder:
         """This figure's per-run seconds, or None when the budget cannot hold it (it is then skipped)."""
         if not self.budget.limited:
             return RunSeconds(figure.least_s)
-        waiting = [f for f in self.plan if f is not figure]
-        reserve = sum(f.setup_s + MIN_RUN_S * self.repeats for f in waiting)
-        allowed = self.budget.allow(figure.setup_s + MIN_RUN_S * self.repeats, reserve)
+        # Earlier figures come first: one starts when its own set-up and shortest runs fit in what is left,
+        # and its runs get an equal share of what the set-ups still to come leave over.
+        allowed = self.budget.allow(figure.setup_s + MIN_RUN_S * self.repeats)
         if allowed is None:
             return None
         share = (self.budget.left() - sum(f.setup_s for f in self.plan)) / len(self.plan)
