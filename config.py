@@ -162,7 +162,8 @@ class TrainConfig:
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise-reproducible resume; slower)")
     log_every: int = option(10, "read metrics from the device every N steps", bound=AT_LEAST_1, on_resume=QUIET)
     out: str = option("runs/byol", "output folder: checkpoints/, metrics.csv/.jsonl, metrics.png, backbone.pt, "
-                      "eval.json (with --eval-every), tensorboard/ (if tensorboard is installed)", on_resume=QUIET)
+                      "eval.json (with --eval-every or --finetune), finetune.json and finetune-subsets.json (with "
+                      "--finetune), tensorboard/ (if tensorboard is installed)", on_resume=QUIET)
     resume: bool = option(False, "continue from the newest valid checkpoint in --out (starts fresh if there is "
                           "none)", on_resume=QUIET)
     eval_every: int = option(0, "kNN monitor every N epochs and kNN + linear probe at the end (0: off); with a "
@@ -171,6 +172,13 @@ class TrainConfig:
                                   "--data is a folder (default: none; the built-in dataset has its test split)")
     eval_limit: int | None = option(None, "evaluate on at most N evenly spaced train and N test images, e.g. for CPU "
                                     "runs (default: all)", bound=AT_LEAST_1)
+    finetune: tuple[str, ...] | None = option(None, "after training, the semi-supervised protocol of python -m "
+                                              "evaluation.finetune on the exported backbone: fine-tune the whole "
+                                              "encoder on each share of the labelled training images, e.g. 1%% 10%% "
+                                              "(or 0.01 0.1; shares of the --eval-limit images where given), beside "
+                                              "the same network from random init and a frozen probe; figures in "
+                                              "eval.json and finetune.json (default: off; a folder as --data needs "
+                                              "--val-data; no share turns off a config file's)")
     checkpoint_every: int = option(1, "save a checkpoint every N epochs (0: off)", bound=NOT_NEGATIVE)
     checkpoint_minutes: float = option(30.0, "also save every M minutes of training (0: off)", bound=NOT_NEGATIVE)
     time_limit: float = option(0.0, "stop training after M minutes of it (counted over resumes), save, then "
@@ -220,11 +228,11 @@ def option_flag(name: str) -> str:
 
 
 def option_type(name: str) -> type:
-    """The value type of an option (int for `int | None`)."""
+    """The value type of an option (int for `int | None`; tuple for `tuple[str, ...] | None`, whose items are str)."""
     hint = typing.get_type_hints(TrainConfig)[name]
     if isinstance(hint, types.UnionType):
         hint = next(t for t in typing.get_args(hint) if t is not type(None))
-    return hint
+    return typing.get_origin(hint) or hint
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -238,13 +246,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif kind is tuple:  # zero words too: a bare flag clears what a config file gave
+            parser.add_argument(flag, nargs="*", metavar="SHARE", default=default, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=default, choices=f.metadata["choices"], help=help_text)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    # argparse gives a list of words; the frozen config holds a tuple, as a config file's list becomes.
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    return TrainConfig(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -280,6 +292,13 @@ def _checked_value(path: str, name: str, value: Any) -> Any:
         raise ConfigError(f"--config {path}: unknown option {name!r}; valid options are the flag names "
                           "of train.py --help")
     kind = option_type(name)
+    if kind is tuple:
+        # Numbers are taken as written ([0.01, 0.1] is the same as ["1%", "10%"] on the command line).
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, str | int | float)
+                                              for v in value):
+            raise ConfigError(f"--config {path}: {name} must be a list of words or numbers, e.g. "
+                              f'["1%", "10%"], got {value!r}')
+        return tuple(str(v) for v in value)
     ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True

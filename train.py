@@ -18,10 +18,20 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from config import ConfigError, TrainConfig, parse_config
 from evaluation import EvalSet, Ranks, effective_k, eval_splits, evaluate_against_baselines, knn_monitor, summary
+from evaluation.finetune import (
+    FinetuneSettings,
+    draw_subsets,
+    finetune_summary,
+    fraction_name,
+    parse_fractions,
+    run_protocol,
+)
 from models.byol import BYOL
+from models.export import load_backbone
 from pipelines.base import LoaderUnavailable
 from runtime import preflight
 from runtime.assembly import (
@@ -54,6 +64,8 @@ from runtime.signals import StopRequest
 NAN_EXIT_CODE = 3
 # torch's DataLoader repeats this paragraph for every loader it builds; main() says it once, naming --workers.
 DATALOADER_WORKERS_WARNING = "This DataLoader will create"
+# --finetune runs python -m evaluation.finetune's defaults: the same label subsets (its seed) and fine-tunes.
+FINETUNE_SETTINGS = FinetuneSettings()
 
 
 def train(cfg: TrainConfig, world: World) -> int:
@@ -77,8 +89,13 @@ def train(cfg: TrainConfig, world: World) -> int:
                   "or --steps")
         return 0
     # Labelled splits for the kNN monitor / final probe on every rank: each extracts its shard's features.
-    eval_sets = eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit, cfg.workers) \
-        if cfg.eval_every else None
+    # --finetune needs them too, and every rank draws its label subsets now: a share under one image per class
+    # (or a --val-data sharing files with --data) then stops all ranks alike, before any of them trains.
+    labelled = eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit, cfg.workers) \
+        if cfg.eval_every or cfg.finetune else None
+    if cfg.finetune:
+        draw_subsets(*labelled, parse_fractions(cfg.finetune, "--finetune"), FINETUNE_SETTINGS.seed)
+    eval_sets = labelled if cfg.eval_every else None
     log = MetricsLog(out, resume_step=step) if world.is_main else None
     display = Display(total, step, enabled=world.is_main)
     display.message(describe_run(cfg, world, data, step, total))
@@ -132,31 +149,64 @@ def train(cfg: TrainConfig, world: World) -> int:
         display.close()
         if log is not None:
             log.close()
-    write_final_outputs(cfg, world, byol, eval_sets, display)
+    write_final_outputs(cfg, world, byol, labelled, display)
     return 0
 
 
-def write_final_outputs(cfg: TrainConfig, world: World, byol: BYOL, eval_sets: tuple[EvalSet, EvalSet] | None,
+def write_final_outputs(cfg: TrainConfig, world: World, byol: BYOL, labelled: tuple[EvalSet, EvalSet] | None,
                         display: Display) -> None:
     """After the last step: the evaluation against the baselines (every rank takes part: its last collectives),
-    then rank 0 exports the backbone and plots the metrics. backbone.pt is written last (`final_outputs_exist`)."""
+    then rank 0 exports the backbone, fine-tunes it (--finetune), writes eval.json and plots the metrics.
+
+    `labelled`: the run's labelled (train, test) splits, where --eval-every or --finetune asked for them.
+    eval.json comes after backbone.pt (the fine-tunes start from that file); `final_outputs_exist` checks both."""
     out = Path(cfg.out)
-    if eval_sets is not None:
-        scores = evaluate_against_baselines(byol.online.encoder, random_init_encoder(cfg, world.device), *eval_sets,
+    scores = None
+    if cfg.eval_every:
+        scores = evaluate_against_baselines(byol.online.encoder, random_init_encoder(cfg, world.device), *labelled,
                                             world.device, res=cfg.res, ranks=Ranks(world.rank, world.size))
-        if scores is not None:  # rank 0 gets the scores, the others go on to leave the group
-            (out / "eval.json").write_text(json.dumps(scores, indent=1))
-            display.message(f"final evaluation: {summary(scores)}")
-    if world.is_main:
-        info = export_backbone(out / "backbone.pt", byol.online.encoder, cfg.to_dict())
-        plotted = plot_metrics(out / "metrics.jsonl", out / "metrics.png")
-        display.message(f"done: {out / 'backbone.pt'} ({info.how_to_load()}), metrics.csv/.jsonl"
-                        + (", metrics.png" if plotted else "") + f" in {out}")
+    if not world.is_main:  # rank 0 got the scores; the others go on to leave the group
+        return
+    info = export_backbone(out / "backbone.pt", byol.online.encoder, cfg.to_dict())
+    said = [summary(scores)] if scores is not None else []
+    if cfg.finetune:
+        results = finetune_exported(cfg, world, labelled, display)
+        scores = (scores or {}) | {"finetune": results}
+        said.append(finetune_summary(results))
+    if scores is not None:
+        (out / "eval.json").write_text(json.dumps(scores, indent=1))
+        display.message(f"final evaluation: {'; '.join(said)}")
+    plotted = plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    display.message(f"done: {out / 'backbone.pt'} ({info.how_to_load()}), metrics.csv/.jsonl"
+                    + (", metrics.png" if plotted else "") + (", finetune.json" if cfg.finetune else "")
+                    + f" in {out}")
+
+
+def finetune_exported(cfg: TrainConfig, world: World, labelled: tuple[EvalSet, EvalSet],
+                      display: Display) -> dict[str, dict[str, Any]]:
+    """--finetune: evaluation.finetune's protocol on the backbone.pt just exported (the very file a later
+    `python -m evaluation.finetune --checkpoint` would read), on the run's labelled splits (--eval-limit applies).
+    finetune.json and finetune-subsets.json go to --out; returns the results by share ('1%': {...})."""
+    checkpoint = Path(cfg.out) / "backbone.pt"
+    encoder, info = load_backbone(checkpoint)
+    about = {"checkpoint": str(checkpoint), "data": cfg.data, "val_data": cfg.val_data, "eval_limit": cfg.eval_limit}
+    return run_protocol(encoder, info, *labelled, parse_fractions(cfg.finetune, "--finetune"), world.device, cfg.res,
+                        Path(cfg.out), about, FINETUNE_SETTINGS, log=display.message)
 
 
 def final_outputs_exist(cfg: TrainConfig, out: Path) -> bool:
-    """What a finished run leaves (backbone.pt is written last); a run killed before them redoes them."""
-    return (out / "backbone.pt").exists() and (not cfg.eval_every or (out / "eval.json").exists())
+    """What a finished run leaves: backbone.pt and, with --eval-every or --finetune, an eval.json (written after
+    it) holding what they ask for. A run killed before them all redoes them."""
+    if not (out / "backbone.pt").exists():
+        return False
+    if not (cfg.eval_every or cfg.finetune):
+        return True
+    try:
+        scores = json.loads((out / "eval.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet, or cut off mid-write
+        return False
+    wanted = {fraction_name(f) for f in parse_fractions(cfg.finetune or (), "--finetune")}
+    return (not cfg.eval_every or "knn_top1" in scores) and wanted <= scores.get("finetune", {}).keys()
 
 
 def run(cfg: TrainConfig) -> int:

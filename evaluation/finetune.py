@@ -9,6 +9,7 @@ on it (SGD with Nesterov momentum, no weight decay, cosine lr to 0, random-resiz
 the only augmentation), then score top-1 on the whole test split. The same run from random init of
 the same network (arch, width, stem) is the baseline, and a frozen linear probe on the same subset
 shows what fine-tuning adds over the features alone. Results go to finetune.json beside the subsets.
+`train.py --finetune 1% 10%` runs the same protocol (`run_protocol`) on the backbone a run exports.
 """
 
 from __future__ import annotations
@@ -123,6 +124,15 @@ def check_disjoint(train_set: EvalSet, test_set: EvalSet) -> None:
         if shared:
             raise ValueError(f"--val-data shares {len(shared):,} image files with --data (e.g. {min(shared)}): "
                              "give a test folder disjoint from the training folder")
+
+
+def draw_subsets(train_set: EvalSet, test_set: EvalSet, fractions: Sequence[float],
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each fraction's `draw_subset` of train_set by `fraction_name`, after `check_disjoint`. Cheap, so a caller
+    can run it before anything trains: its ValueErrors (shared files, a share under one image per class) are
+    the protocol's only refusals that depend on the data."""
+    check_disjoint(train_set, test_set)
+    return {fraction_name(f): draw_subset(train_set.labels, train_set.num_classes, f, seed) for f in fractions}
 
 
 def random_resized_crop_flip(x: torch.Tensor, res: int, min_scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -245,9 +255,8 @@ def compare_on_subsets(
     log: called with one line per finished fine-tune.
     """
     device = torch.device(device)
-    check_disjoint(train_set, test_set)
     labels = train_set.labels
-    subsets = {fraction_name(f): draw_subset(labels, train_set.num_classes, f, settings.seed) for f in fractions}
+    subsets = draw_subsets(train_set, test_set, fractions, settings.seed)
     # Fresh modules, so that a cross-replica BN of training or the caller's device placement does not come along.
     pretrained, _ = build_backbone(info.arch, small_images=info.small_images, width=info.width)
     pretrained.load_state_dict(encoder.state_dict())
@@ -298,6 +307,33 @@ def write_results(out: Path, results: dict[str, dict[str, Any]], subsets: dict[s
                                                            "results": results}, indent=1))
 
 
+def run_protocol(
+    encoder: nn.Module,
+    info: BackboneInfo,
+    train_set: EvalSet,
+    test_set: EvalSet,
+    fractions: Sequence[float],
+    device: torch.device | str,
+    res: int,
+    out: Path,
+    about: dict[str, Any],
+    settings: FinetuneSettings = FinetuneSettings(),
+    log: Any = print,
+) -> dict[str, dict[str, Any]]:
+    """`compare_on_subsets`, then `write_results` into `out`; returns the results by fraction name.
+
+    `about`: where the encoder and the data came from (checkpoint, data, val_data, ...); finetune.json adds
+    the test split's size, the network, the device, the settings and the seconds taken. The other parameters
+    are `compare_on_subsets`'s.
+    """
+    start = time.perf_counter()
+    results, subsets = compare_on_subsets(encoder, info, train_set, test_set, fractions, device, res, settings, log)
+    about = about | {"test_images": len(test_set), "network": asdict(info) | {"res": res}, "device": str(device),
+                     "settings": asdict(settings), "seconds": round(time.perf_counter() - start, 1)}
+    write_results(out, results, subsets, train_set, about)
+    return results
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(prog="python -m evaluation.finetune", description=__doc__,
@@ -337,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
     try:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -351,16 +388,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--checkpoint {args.checkpoint} predates the saved training res: give --res")
         # After the checkpoint: a bad one is refused before a large folder is scanned.
         train_set, test_set = eval_splits(args.data, args.val_data)
-        start = time.perf_counter()
-        results, subsets = compare_on_subsets(encoder, info, train_set, test_set, fractions, device, res, settings)
+        results = run_protocol(encoder, info, train_set, test_set, fractions, device, res, out,
+                               {"checkpoint": args.checkpoint, "data": args.data, "val_data": args.val_data},
+                               settings)
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluation.finetune: error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    about = {"checkpoint": args.checkpoint, "data": args.data, "val_data": args.val_data,
-             "test_images": len(test_set), "network": asdict(info) | {"res": res}, "device": str(device),
-             "settings": asdict(settings), "seconds": round(time.perf_counter() - start, 1)}
-    write_results(out, results, subsets, train_set, about)
     print(f"{finetune_summary(results)}; {out / 'finetune.json'}")
     return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from config import TrainConfig, option_flag, option_type
 from datasources.builtin import FASHION_MNIST, parse_builtin
+from evaluation.finetune import parse_fractions
 from pipelines.registry import INSTALL_HINTS, is_available
 from pipelines.views import BYOL_VIEWS
 from runtime.distributed import local_processes, planned_processes, under_launcher, visible_gpus
@@ -37,6 +38,7 @@ def check(cfg: TrainConfig) -> int:
     """Raise ValueError (message = the one line to print) on bad input; return the world size."""
     check_values(cfg)
     BYOL_VIEWS.with_overrides(res=cfg.res, min_scale=cfg.min_scale)
+    parse_fractions(cfg.finetune or (), "--finetune")
 
     if not under_launcher():
         _require(cfg.device != "cuda" or visible_gpus() > 0,
@@ -62,13 +64,17 @@ def check(cfg: TrainConfig) -> int:
     if builtin is not None:
         _require(builtin.is_dir(), f"--data {cfg.data}: the Fashion-MNIST idx folder {builtin} does not exist "
                  "(scripts/setup.sh installs it; or give fashion-mnist:<folder>)")
-    elif cfg.loader != "synthetic" or cfg.eval_every:
+    elif cfg.loader != "synthetic" or cfg.eval_every or cfg.finetune:
         _require(Path(cfg.data).exists(), f"--data {cfg.data}: no such file or folder (give an ImageFolder root, "
                  f"a .beton file for --loader ffcv, or {FASHION_MNIST}[:<idx folder>])")
     if cfg.eval_every and builtin is None:
         _require(cfg.val_data is not None and Path(cfg.val_data).is_dir(),
                  f"--eval-every with --data {cfg.data} needs --val-data, an existing labelled ImageFolder "
                  "to report kNN / linear-probe accuracy on")
+    if cfg.finetune and builtin is None:
+        _require(cfg.val_data is not None and Path(cfg.val_data).is_dir(),
+                 f"--finetune with --data {cfg.data} needs --val-data, an existing labelled ImageFolder of other "
+                 "images than --data's to score the fine-tunes on")
 
     out = Path(cfg.out)
     _require(not out.exists() or out.is_dir(), f"--out {cfg.out} exists and is not a folder")

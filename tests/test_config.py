@@ -116,6 +116,16 @@ def test_config_file_then_command_line(tmp_path, suffix):
     assert isinstance(cfg.base_lr, float)
 
 
+def test_finetune_takes_shares_from_the_command_line_or_a_config_file(tmp_path):
+    text = " ".join(build_parser().format_help().split("options:", 1)[1].split())
+    assert parse_config([]).finetune is None and "(default: off;" in text[text.index("--finetune [SHARE ...]"):]
+    assert parse_config(["--finetune", "1%", "10%"]).finetune == ("1%", "10%")
+    path = tmp_path / "run.toml"
+    path.write_text('finetune = ["1%", 0.1]\n')
+    assert parse_config(["--config", str(path)]).finetune == ("1%", "0.1")
+    assert parse_config(["--config", str(path), "--finetune"]).finetune == ()  # a bare flag turns it off
+
+
 def test_choices_come_from_the_registries():
     from models.backbones import ARCHS
     from models.step import AUTOCAST_DTYPES

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.models as tvm
+from eval_sets import needs_fashion_mnist
 from train_runs import TINY, run_train
 
 import runtime.preflight
 import train
-from config import parse_config
+from config import TrainConfig, parse_config
+from evaluation.finetune import default_epochs
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 
 
@@ -100,6 +102,43 @@ def test_real_loader_epoch_runs_the_knn_monitor_and_the_final_evaluation(photo_c
     assert "(random init" in result.stdout
 
 
+@needs_fashion_mnist
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_finetune_after_training_adds_its_figures_to_eval_json(tmp_path):
+    # 100 evenly spaced Fashion-MNIST training images hold 7 to 13 of each class: 50% is 5 of each of the 10.
+    result = run_train(*TINY, "--width", "4", "--res", "16", "--steps", "2", "--eval-every", "1", "--eval-limit",
+                       "100", "--finetune", "50%", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= scores["linear_top1"] <= 1  # the frozen evaluation stays beside the fine-tunes
+    tuned = scores["finetune"]["50%"]
+    assert tuned["labels"] == 50 and tuned["per_class"] == [5] * 10 and tuned["epochs"] == default_epochs(50)
+    assert all(0 <= tuned[k] <= 1 for k in ("finetune_top1", "random_init_finetune_top1", "frozen_probe_top1"))
+    assert tuned["seconds"] > 0
+    # finetune.json is the module's, run on the backbone the run exported, on the --eval-limit splits.
+    written = json.loads((tmp_path / "finetune.json").read_text())
+    assert written["results"] == scores["finetune"] and written["checkpoint"] == str(tmp_path / "backbone.pt")
+    assert written["eval_limit"] == 100 and written["test_images"] == 100 and written["network"]["width"] == 4
+    subsets = json.loads((tmp_path / "finetune-subsets.json").read_text())["subsets"]
+    assert len(subsets["50%"]["indices"]) == 50
+    [final] = [line for line in result.stdout.splitlines() if line.startswith("final evaluation: ")]
+    assert "linear top-1" in final and "; fine-tune 50%: " in final and "frozen probe" in final
+
+
+def test_a_finished_run_lacking_the_asked_finetune_is_not_done(tmp_path):
+    cfg = TrainConfig(eval_every=1, finetune=("1%", "10%"))
+    (tmp_path / "backbone.pt").write_bytes(b"")
+    assert not train.final_outputs_exist(cfg, tmp_path)
+    (tmp_path / "eval.json").write_text(json.dumps({"knn_top1": 0.5, "finetune": {"1%": {}}}))
+    assert not train.final_outputs_exist(cfg, tmp_path)  # 10% is missing: fine-tune again
+    (tmp_path / "eval.json").write_text(json.dumps({"knn_top1": 0.5, "finetune": {"1%": {}, "10%": {}}}))
+    assert train.final_outputs_exist(cfg, tmp_path)
+    assert train.final_outputs_exist(TrainConfig(finetune=("0.1",)), tmp_path)  # 0.1 is 10%
+    (tmp_path / "eval.json").write_text('{"knn_top1": 0.5, "fine')  # cut off mid-write
+    assert not train.final_outputs_exist(cfg, tmp_path)
+
+
 def main_error(capsys, *argv: str) -> str:
     """Run train.main in-process (it fails before starting any process) and return its one error line."""
     assert train.main(list(argv)) == 2
@@ -115,11 +154,19 @@ def main_error(capsys, *argv: str) -> str:
     (("--loader", "torchvision", "--data", "/no/such/folder"), "--data /no/such/folder: no such file or folder"),
     (("--steps", "0"), "--steps must be at least 1"),
     (("--processes", "2", "--no-in-memory"), "--no-in-memory (FFCV's QUASI_RANDOM order) runs in one process"),
+    (("--finetune", "0%"), "--finetune 0%: give shares of the labelled training images above 0% and at most 100%"),
+    (("--finetune", "1%", "150%"), "--finetune 150%: give shares"),
 ])
 def test_bad_arguments_give_one_clear_line(capsys, tmp_path, argv, expected):
     if "--gpus" in argv and torch.cuda.is_available():
         pytest.skip("counts GPUs on a CPU-only machine")
     assert main_error(capsys, *TINY, "--out", str(tmp_path), *argv).startswith(expected)
+
+
+def test_finetune_on_a_folder_needs_val_data(capsys, tmp_path):
+    message = main_error(capsys, *TINY, "--data", str(tmp_path), "--finetune", "1%", "--out", str(tmp_path / "out"))
+    assert message.startswith(f"--finetune with --data {tmp_path} needs --val-data")
+    assert not (tmp_path / "out").exists()
 
 
 NO_GPUS_FLAG = TINY[:2] + TINY[4:]  # TINY without "--gpus 0"
@@ -164,6 +211,7 @@ def test_synthetic_loader_warns_that_it_ignores_data(capsys, tmp_path):
     ('arch = "vgg"\n', "arch must be one of resnet18, resnet34, resnet50"),
     ('epochs = "ten"\n', "epochs must be int"),
     ("epochs = \n", "not valid TOML"),
+    ('finetune = "1%"\n', 'finetune must be a list of words or numbers, e.g. ["1%", "10%"]'),
 ])
 def test_bad_config_file_gives_one_clear_line(capsys, tmp_path, body, expected):
     path = tmp_path / "bad.toml"
