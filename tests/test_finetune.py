@@ -4,11 +4,13 @@ random-init baseline of the same network, and `python -m evaluation.finetune` en
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from image_files import class_folders
 
 import evaluation.finetune as ft
@@ -109,11 +111,40 @@ def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypat
     # Both start from the saved file's tensors' names and shapes (arch, width and stem); only the values differ.
     for state in (pretrained, random_init):
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in saved.items()}
-    assert all(torch.equal(pretrained[k], saved[k]) for k in saved)
+    # The pretrained start is the saved network at torchvision's init norms (the same function).
+    reference, _ = build_backbone("resnet18", small_images=small_images, width=width)
+    reference.load_state_dict(saved)
+    rescaled = ft.rescale_to_init_norms(reference).state_dict()
+    for k in saved:  # the norm is summed in another memory order there (channels_last): equal to rounding
+        torch.testing.assert_close(pretrained[k], rescaled[k], rtol=1e-5, atol=0)
     assert not torch.equal(random_init["conv1.weight"], saved["conv1.weight"])
     assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())  # the caller's encoder is kept
     assert set(results["50%"]) >= {"labels", "finetune_top1", "random_init_finetune_top1", "frozen_probe_top1",
                                    "epochs", "seconds"}
+
+
+def test_rescaling_to_init_norms_keeps_the_function_and_restores_the_init_scale():
+    torch.manual_seed(0)
+    encoder, _ = build_backbone("resnet18", small_images=True, width=8)
+    with torch.no_grad():  # a trained network's weights: several times their initial norms, each layer its own
+        for i, conv in enumerate(m for m in encoder.modules() if isinstance(m, nn.Conv2d)):
+            conv.weight.mul_(2 + i % 5)
+    for norm in (m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.momentum = None  # running statistics = the (cumulative) batch's: a trained network's, not init's
+    encoder.train()
+    x = torch.randn(16, 3, 16, 16)
+    encoder(x)
+    before_train, before_eval = encoder(x), encoder.eval()(x)
+    ft.rescale_to_init_norms(encoder)
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20  # stem, 16 block convs, 3 shortcuts: each followed by its own batch norm
+    for conv in convs:
+        assert conv.weight.norm().item() == pytest.approx(math.sqrt(2 * conv.in_channels), rel=1e-5)
+    encoder.train()
+    torch.testing.assert_close(encoder(x), before_train, rtol=1e-4, atol=1e-4)  # batch statistics: exact
+    # Running statistics: equal but for BN's eps, now added to a variance scaled by 1/4..1/36 (without scaling
+    # them the outputs would be off by the weights' factors, 2-6x).
+    torch.testing.assert_close(encoder.eval()(x), before_eval, rtol=1e-2, atol=1e-3)
 
 
 def error_line(capsys, argv: list[str]) -> str:
