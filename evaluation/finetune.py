@@ -46,7 +46,7 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """How each fine-tune runs; the defaults were measured on the CPU quickstart's backbone (README).
+    """How each fine-tune runs; the README's table was measured with these defaults (not tuned: no lr sweep yet).
 
     epochs: passes over the subset; None: `default_epochs` (more for smaller subsets).
     batch_size: images per step (a subset smaller than it is one batch).
