@@ -30,6 +30,7 @@ from evaluation.finetune import (
     parse_fractions,
     run_protocol,
 )
+from foundation.signals import StopRequest
 from models.byol import BYOL
 from models.export import load_backbone
 from pipelines.base import LoaderUnavailable
@@ -59,7 +60,6 @@ from runtime.distributed import (
 from runtime.metrics import Display, MetricsLog, Window, plot_metrics
 from runtime.outdir import claim_out
 from runtime.resume import check_steps_left, resume
-from runtime.signals import StopRequest
 
 NAN_EXIT_CODE = 3
 # torch's DataLoader repeats this paragraph for every loader it builds; main() says it once, naming --workers.

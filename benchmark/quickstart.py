@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from foundation.atomic_files import atomic_write
 from models.step import cpu_has_native_bf16
-from runtime.checkpoint import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/fashion-mnist.toml"

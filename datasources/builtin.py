@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from datasources.fashion_mnist import CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from runtime.backends import keep_torch_threads
+from foundation.threads import keep_torch_threads
 
 FASHION_MNIST = "fashion-mnist"
 MANIFEST = "fastbyol-manifest.json"

@@ -56,8 +56,8 @@ from rich.text import Text
 
 from datasources.fashion_mnist import load_fashion_mnist
 from datasources.imagefolder import DECODE_ERRORS, open_rgb, scan_image_folder
-from runtime.checkpoint import sweep_stale_temp_files, temp_path
-from runtime.signals import StopRequest
+from foundation.atomic_files import sweep_stale_temp_files, temp_path
+from foundation.signals import StopRequest
 
 FASHION_MNIST = "fashion-mnist"
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -524,7 +524,7 @@ def write_beton(dataset, out: str | os.PathLike, image_field, workers: int,
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
-    import runtime.numba_runtime  # noqa: F401  (numba settings, before FFCV runs: see there)
+    import foundation.numba_runtime  # noqa: F401  (numba settings, before FFCV runs: see there)
 
     out = Path(out)
     hooks = _WriterHooks(progress, f"writing {out.name}")

@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from datasources.builtin import parse_builtin
 from datasources.fashion_mnist import CLASSES, load_fashion_mnist
 from datasources.imagefolder import SkipLog, Unreadable, announce, load_index, read_rgb
-from runtime.signals import ignore_stop_signals
+from foundation.signals import ignore_stop_signals
 
 LabelledBatch = tuple[torch.Tensor, torch.Tensor]
 # Standard linear-eval geometry for photos: resize the short side to res / 0.875, centre-crop res.

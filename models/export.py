@@ -23,8 +23,8 @@ import torch.nn as nn
 
 # File I/O, not a step of the data flow: the one atomic writer and the one image-signature table.
 from datasources.imagefolder import sniff_format
+from foundation.atomic_files import atomic_write
 from models.backbones import ARCHS, DEFAULT_WIDTH, build_backbone, feature_dim
-from runtime.checkpoint import atomic_write
 
 FORMAT = "fastbyol-backbone"
 VERSION = 1

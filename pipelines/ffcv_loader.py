@@ -35,11 +35,11 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 from torch.utils.data import DistributedSampler
 
-import runtime.numba_runtime  # noqa: F401  (numba settings, before FFCV runs: see there)
+import foundation.numba_runtime  # noqa: F401  (numba settings, before FFCV runs: see there)
+from foundation.threads import keep_torch_threads
 from pipelines.base import Batch, LoaderConfig, seed_from
 from pipelines.ffcv_decoder import TwoCropDecoder
 from pipelines.gpu_augment import TwoViewAugment
-from runtime.backends import keep_torch_threads
 
 ORDERS = ("random", "sequential", "quasi_random")
 CONVERT_HINT = "create one with: python -m datasources.ffcv_convert --src <ImageFolder root> --out <file>.beton"

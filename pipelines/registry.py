@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from foundation.threads import keep_torch_threads
 from pipelines.base import LoaderConfig, LoaderUnavailable, TwoViewLoader
-from runtime.backends import keep_torch_threads
 
 LOADER_MODULES = {
     "dali": "pipelines.dali_loader",

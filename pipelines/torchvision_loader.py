@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from datasources.imagefolder import ImageFolderIndex, SkipLog, Unreadable, load_index, read_rgb
+from foundation.signals import ignore_stop_signals
 from pipelines.base import Batch, LoaderConfig, seed_from
 from pipelines.gpu_augment import blur_matrices, gaussian_kernels, hsv_saturation
 from pipelines.views import ViewRecipe, ViewSpec
-from runtime.signals import ignore_stop_signals
 
 
 def _draw(low: float, high: float) -> float:

@@ -3,10 +3,8 @@ before its first CUDA kernel."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 
 import torch
 
@@ -39,18 +37,3 @@ def quiet_cpu_compile() -> None:
     runtime is found, using CUDA_HOME=..." although nothing CUDA is built: noise on every CPU run."""
     if not torch.cuda.is_available():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def keep_torch_threads() -> Iterator[None]:
-    """Undo changes to torch's intra-op thread count made inside the block.
-
-    ffcv calls torch.set_num_threads(1) when it is imported and sets it to its worker count when a
-    Loader is built and at every epoch; left alone, that silently makes the training step's CPU
-    ops single-threaded (ffcv's own decoding threads are numba's and are not affected).
-    """
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -1,10 +1,10 @@
 """Crash-safe checkpoints: atomic writes, a checksum trailer, keep-last-K, newest-valid resume.
 
 File layout: the bytes of `torch.save(state)` followed by MAGIC and the SHA-256 of those bytes.
-A write goes to a temp file in the same folder, is flushed and fsync'ed, renamed over the final
-name with os.replace (atomic on POSIX) and the folder is fsync'ed, so a crash leaves either the
-old set of files or the new one, never a half-written checkpoint under a final name. Reading
-verifies the trailer and loads with `torch.load(weights_only=True)`: a state holds only tensors
+A write (`foundation.atomic_files.atomic_write`) goes to a temp file in the same folder, is flushed
+and fsync'ed, renamed over the final name with os.replace (atomic on POSIX) and the folder is fsync'ed,
+so a crash leaves either the old set of files or the new one, never a half-written checkpoint under a
+final name. Reading verifies the trailer and loads with `torch.load(weights_only=True)`: a state holds only tensors
 and plain containers of numbers and strings (RNG states are converted to tensors for this).
 """
 
@@ -12,77 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 import re
-import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from foundation.atomic_files import atomic_write, sweep_stale_temp_files
+from models.export import BackboneInfo, save_backbone
 from runtime.distributed import World, gather_to_main
-
-if TYPE_CHECKING:
-    from models.export import BackboneInfo
 
 MAGIC = b"FBYOLCK1"
 DIGEST_BYTES = 32
 NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
-# `atomic_write`'s temp files: .<name>.tmp-<host>-<pid> (.<name>.tmp-<pid> before the host was added).
-TEMP_NAME = re.compile(r"^\..+\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
 class CorruptCheckpoint(RuntimeError):
     pass
-
-
-def temp_path(path: Path) -> Path:
-    """Where `atomic_write` writes before the rename: named by host and pid, so a later run can tell a dead
-    writer's leftover from a live one's even when several machines share the folder."""
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (one of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale_temp_files(folder: Path) -> list[Path]:
-    """Remove the temp files of writers killed mid-write (up to a checkpoint's size each) and return them.
-    Only files of this host whose process is gone: a live writer's file, or another host's, is left alone."""
-    if not folder.is_dir():
-        return []
-    host = socket.gethostname()
-    stale = [path for path in folder.iterdir()
-             if (m := TEMP_NAME.match(path.name)) and m.group("host") in (host, None)
-             and not pid_alive(int(m.group("pid")))]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _serialize(state: dict[str, Any]) -> bytes:
@@ -178,9 +128,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def export_backbone(path: Path, encoder: torch.nn.Module, config: dict[str, Any]) -> BackboneInfo:
     """A run's encoder as `models.export`'s backbone file, described by the run's options (`TrainConfig.to_dict()`,
     resolved); returns what the file says it is."""
-    # Imported here: models.export writes through this module's atomic_write, so a top-level import would loop.
-    from models.export import BackboneInfo, save_backbone
-
     form = {"arch": config["arch"], "width": config["width"], "small_images": bool(config["small_images"]),
             "res": config["res"]}
     save_backbone(path, encoder, **form)

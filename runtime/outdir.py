@@ -23,7 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from runtime.checkpoint import run_checkpoints, sweep_stale_temp_files
+from foundation.atomic_files import sweep_stale_temp_files
+from runtime.checkpoint import run_checkpoints
 from runtime.distributed import is_launching_process
 
 if TYPE_CHECKING:

@@ -40,11 +40,11 @@ import torch
 from PIL import Image
 from view_stats import JITTER_OPS, isolate_jitter, to_unit
 
+from foundation.threads import keep_torch_threads
 from pipelines.base import LoaderConfig
 from pipelines.gpu_augment import ColourBasis, TwoViewAugment, hue_matrix
 from pipelines.registry import LOADER_MODULES
 from pipelines.views import BYOL_VIEWS, JITTER_MODES, ViewRecipe, ViewSpec
-from runtime.backends import keep_torch_threads
 
 pytestmark = pytest.mark.timeout(300)
 

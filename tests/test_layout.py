@@ -1,9 +1,11 @@
 """The layout a newcomer reads: the README's layout table names real paths and every package; the trainer is
-not a library; no test file imports another; scripts run without sys.path edits."""
+not a library; imports go one way, down the layers of MAY_IMPORT; no test file imports another; scripts run
+without sys.path edits."""
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import re
 import subprocess
 import sys
@@ -83,22 +85,64 @@ def test_the_old_converter_name_still_converts_and_names_the_new_one(tmp_path):
     assert "note: the converter is now python -m datasources.ffcv_convert" in result.stderr
 
 
-# Data flows one way: datasources -> pipelines -> models/optim (the step); runtime and evaluation sit on top.
-MAY_NOT_IMPORT = {
-    "datasources": {"pipelines", "models", "optim", "evaluation", "config", "train"},
-    "pipelines": {"models", "optim", "evaluation", "config", "train"},
-    "models": {"datasources", "pipelines", "evaluation", "runtime", "config", "train"},
-    "optim": {"datasources", "pipelines", "models", "evaluation", "runtime", "config", "train"},
+# Who may import whom, one row per package and top-level module: data flows datasources -> pipelines -> models +
+# optim (the step) -> runtime -> train.py, all standing on foundation/ (signals, torch threads, numba settings,
+# atomic files), which imports nothing of the project; evaluation scores features beside runtime, config names
+# every option of the parts below it, benchmark measures all of them. A unit may always import itself; any other
+# project import not in its row points up or sideways and fails.
+MAY_IMPORT = {
+    "foundation": set(),
+    "datasources": {"foundation"},
+    "pipelines": {"foundation", "datasources"},
+    "optim": {"foundation"},
+    "models": {"foundation", "optim"},
+    "config": {"foundation", "datasources", "pipelines", "models", "optim"},
+    "evaluation": {"foundation", "datasources", "pipelines", "models", "optim"},
+    "runtime": {"foundation", "datasources", "pipelines", "models", "optim", "evaluation", "config"},
+    "benchmark": {"foundation", "datasources", "pipelines", "models", "optim", "evaluation", "runtime", "config"},
+    "train": {"foundation", "datasources", "pipelines", "models", "optim", "evaluation", "runtime", "config"},
 }
+PROJECT = {*PACKAGES, *(p.stem for p in REPO.glob("*.py"))}
 
 
-# File I/O beside the networks: the exported backbone writes through runtime's one atomic writer and names a
-# wrong file's kind with datasources' one image-signature table rather than keeping copies of either.
-MAY_IMPORT = {"models/export.py": {"runtime", "datasources"}}
+# File I/O beside the networks: the exported backbone names a wrong file's kind with datasources' one
+# image-signature table rather than keeping a copy of it.
+FILE_MAY_ALSO_IMPORT = {"models/export.py": {"datasources"}}
 
 
-@pytest.mark.parametrize("package", sorted(MAY_NOT_IMPORT))
-def test_imports_follow_the_data_flow(package):
-    upstream = {name: sorted(imports_of(p) & MAY_NOT_IMPORT[package] - MAY_IMPORT.get(name, set()))
-                for p in (REPO / package).rglob("*.py") if (name := str(p.relative_to(REPO)))}
-    assert not {k: v for k, v in upstream.items() if v}
+def sources(unit: str) -> list[Path]:
+    return sorted((REPO / unit).rglob("*.py")) if (REPO / unit).is_dir() else [REPO / f"{unit}.py"]
+
+
+def forbidden_imports(unit: str, files: list[Path]) -> dict[str, list[str]]:
+    """Per file of `unit`, the project units it imports that its row of MAY_IMPORT does not allow."""
+    found = {}
+    for path in files:
+        name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
+        allowed = MAY_IMPORT[unit] | {unit} | FILE_MAY_ALSO_IMPORT.get(name, set())
+        if bad := sorted(imports_of(path) & PROJECT - allowed):
+            found[name] = bad
+    return found
+
+
+def test_every_package_and_module_has_a_row_and_the_rows_form_no_cycle():
+    assert set(MAY_IMPORT) == PROJECT, f"place every unit in MAY_IMPORT: {sorted(PROJECT ^ set(MAY_IMPORT))}"
+    assert all(row <= PROJECT for row in MAY_IMPORT.values())
+    list(graphlib.TopologicalSorter(MAY_IMPORT).static_order())  # raises CycleError on a two-way pair
+
+
+@pytest.mark.parametrize("unit", sorted(MAY_IMPORT))
+def test_imports_follow_the_layers(unit):
+    assert not forbidden_imports(unit, sources(unit))
+
+
+@pytest.mark.parametrize(("unit", "code", "caught"), [
+    ("foundation", "import datasources.imagefolder\n", ["datasources"]),
+    ("datasources", "def convert():\n    from runtime.checkpoint import CheckpointDir\n", ["runtime"]),
+    ("pipelines", "from models.step import BYOLStep\nimport config\n", ["config", "models"]),
+    ("evaluation", "from runtime.metrics import Window\n", ["runtime"]),
+    ("runtime", "import train\n", ["train"]),
+])
+def test_an_upward_import_is_caught(unit, code, caught, tmp_path):
+    (tmp_path / "offender.py").write_text(code)
+    assert forbidden_imports(unit, [tmp_path / "offender.py"]) == {"offender.py": caught}

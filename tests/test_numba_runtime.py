@@ -1,4 +1,4 @@
-"""numba settings made before FFCV runs (runtime/numba_runtime.py): no thread-pool warning at forks,
+"""numba settings made before FFCV runs (foundation/numba_runtime.py): no thread-pool warning at forks,
 no finaliser-race noise on the console."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_only_numbas_finaliser_race_is_dropped(monkeypatch) -> None:
     import os
     import types
 
-    import runtime.numba_runtime as numba_runtime
+    import foundation.numba_runtime as numba_runtime
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))

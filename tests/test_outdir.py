@@ -78,7 +78,7 @@ def test_opening_out_removes_dead_writers_temp_files_only(tmp_path):
     folder = tmp_path / "checkpoints"
     CheckpointDir(folder, keep=3).save(1, {"step": 1})
     # A writer killed mid-write, through atomic_write's own temp naming.
-    script = ("import os, sys; from pathlib import Path; from runtime.checkpoint import temp_path; "
+    script = ("import os, sys; from pathlib import Path; from foundation.atomic_files import temp_path; "
               "temp_path(Path(sys.argv[1])).write_bytes(b'x' * 1000); os._exit(9)")
     subprocess.run([sys.executable, "-c", script, str(folder / "ckpt-000000002.pt")], check=False, timeout=TIMEOUT)
     [killed] = [p for p in folder.iterdir() if ".tmp-" in p.name]
