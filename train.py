@@ -30,6 +30,7 @@ from evaluation.finetune import (
     parse_fractions,
     run_protocol,
 )
+from foundation.atomic_files import atomic_write
 from foundation.signals import StopRequest
 from models.byol import BYOL
 from models.export import load_backbone
@@ -174,7 +175,7 @@ def write_final_outputs(cfg: TrainConfig, world: World, byol: BYOL, labelled: tu
         scores = (scores or {}) | {"finetune": results}
         said.append(finetune_summary(results))
     if scores is not None:
-        (out / "eval.json").write_text(json.dumps(scores, indent=1))
+        atomic_write(out / "eval.json", json.dumps(scores, indent=1).encode())
         display.message(f"final evaluation: {'; '.join(said)}")
     plotted = plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     display.message(f"done: {out / 'backbone.pt'} ({info.how_to_load()}), metrics.csv/.jsonl"

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from evaluation.data import CENTER_CROP_FRACTION, ArraySet, EvalSet, FolderSet, eval_splits
 from evaluation.features import extract_features, prepare
 from evaluation.linear_probe import linear_probe
+from foundation.atomic_files import atomic_write
 from models.backbones import build_backbone
 from models.export import BackboneInfo, load_backbone
 from models.step import AUTOCAST_DTYPES, step_precision
@@ -327,10 +328,10 @@ def write_results(out: Path, results: dict[str, dict[str, Any]], subsets: dict[s
     if isinstance(train_set, FolderSet):
         for entry in listed.values():
             entry["files"] = [train_set.samples[i][0] for i in entry["indices"]]
-    (out / "finetune-subsets.json").write_text(json.dumps(
-        {"train_images": len(train_set), "seed": about["settings"]["seed"], "subsets": listed}))
-    (out / "finetune.json").write_text(json.dumps(about | {"subsets_file": "finetune-subsets.json",
-                                                           "results": results}, indent=1))
+    atomic_write(out / "finetune-subsets.json", json.dumps(
+        {"train_images": len(train_set), "seed": about["settings"]["seed"], "subsets": listed}).encode())
+    atomic_write(out / "finetune.json", json.dumps(about | {"subsets_file": "finetune-subsets.json",
+                                                           "results": results}, indent=1).encode())
 
 
 def run_protocol(
