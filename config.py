@@ -56,8 +56,10 @@ BASE_LR_BY_EPOCHS = ((1000, 0.2), (300, 0.3), (0, 0.45))
 WEIGHT_DECAY_BY_EPOCHS = ((1000, 1.5e-6), (0, 1e-6))
 TAU_BY_EPOCHS = ((1000, 0.996), (41, 0.99), (0, 0.97))
 # Small images (--res <= 64) take solo-learn's CIFAR BYOL recipe where it differs from ImageNet's.
-SMALL_IMAGE_RECIPE = {"base_lr": 1.0, "weight_decay": 1e-5, "eta": 0.02, "tau_base": 0.99}
+SMALL_IMAGE_RECIPE = {"base_lr": 1.0, "weight_decay": 1e-5, "eta": 0.02, "tau_base": 0.99, "lr_1d_scale": 1.0}
 ETA = 1e-3
+# The official code steps biases and norm weights at the full lr.
+LR_1D_SCALE = 1.0
 # The view size of data other than the built-in dataset (whose own size is IMAGE_SIDE), and the encoders.
 DEFAULT_RES, SMALL_IMAGE_ARCH, ARCH = 224, "resnet18", "resnet50"
 
@@ -139,6 +141,11 @@ class TrainConfig:
                             on_resume=FIXED)
     eta: float | None = option(None, f"LARS trust coefficient (default: {SMALL_IMAGE_RECIPE['eta']:g} for small "
                                f"images, else {ETA:g})", bound=ABOVE_0, on_resume=FIXED)
+    lr_1d_scale: float | None = option(None, "learning rate of the 1-D parameters (biases, norm weights: plain SGD "
+                                       "with momentum, no weight decay or trust ratio) as a multiple of the lr "
+                                       f"(default: {SMALL_IMAGE_RECIPE['lr_1d_scale']:g} for small images, measured "
+                                       f"in docs/recipe.md; else {LR_1D_SCALE:g}, the official code's)",
+                                       bound=NOT_NEGATIVE, on_resume=FIXED)
     # argparse formats help with %: "%%" prints one.
     warmup_epochs: float = option(10.0, "linear lr warmup length in epochs, capped at "
                                   f"{100 * MAX_WARMUP_FRACTION:g}%% of the run's steps", bound=NOT_NEGATIVE,
@@ -195,7 +202,7 @@ class TrainConfig:
         small = res <= SMALL_IMAGE_MAX_RES if self.small_images is None else self.small_images
         recipe = {"res": res, "small_images": small, "blur": not small, "arch": SMALL_IMAGE_ARCH if small else ARCH}
         recipe |= SMALL_IMAGE_RECIPE if small else {
-            "base_lr": by_epochs(BASE_LR_BY_EPOCHS, self.epochs), "eta": ETA,
+            "base_lr": by_epochs(BASE_LR_BY_EPOCHS, self.epochs), "eta": ETA, "lr_1d_scale": LR_1D_SCALE,
             "weight_decay": by_epochs(WEIGHT_DECAY_BY_EPOCHS, self.epochs),
             "tau_base": by_epochs(TAU_BY_EPOCHS, self.epochs)}
         if self.device is not None and self.gpus is not None and (self.device == "cpu") != (self.gpus == 0):

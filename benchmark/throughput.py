@@ -274,7 +274,7 @@ def swap_optimizer(bench: Bench, step: ByolStep, optimizer: str, initial: dict) 
     step.byol.load_state_dict(initial)
     cfg = bench.train_config
     step.optimizer = build_optimizer(optimizer, step.byol.online.parameters(), scaled_lr(cfg.base_lr, cfg.batch_size),
-                                     cfg.weight_decay, cfg.momentum, cfg.eta, bench.device)
+                                     cfg.weight_decay, cfg.momentum, cfg.eta, bench.device, cfg.lr_1d_scale)
 
 
 def measure_step(bench: Bench, step: ByolStep, stream: Iterator[Batch], run_s: RunSeconds) -> Rate:

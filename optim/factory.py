@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch_optimizer
 
-from optim.lars import LARS, PerParameterLARS
+from optim.lars import LARS, PerParameterLARS, set_lr
 from optim.param_groups import split_1d_params
 
 Groups = list[dict[str, Any]]
@@ -53,8 +53,10 @@ def build_optimizer(
     momentum: float = 0.9,
     eta: float = 1e-3,
     device: torch.device | str = "cpu",
+    lr_1d_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
-    """Every choice excludes 1-D tensors (biases, norm weights) from weight decay (and trust ratio).
+    """Every choice excludes 1-D tensors (biases, norm weights) from weight decay (and trust ratio) and runs them at
+    `lr_1d_scale` times the lr.
 
     Parameters
     ----------
@@ -66,8 +68,11 @@ def build_optimizer(
     momentum: for lars, lars-loop, torch-optimizer-lars and sgd (lamb ignores it).
     eta: the LARS trust coefficient (lars, lars-loop, and torch-optimizer-lars's trust_coefficient).
     device: where the parameters are (the lr tensor of lars and lars-loop goes there).
+    lr_1d_scale: the 1-D tensors' lr as a multiple of `lr` (--lr-1d-scale; the schedule keeps the ratio, `set_lr`).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    groups = split_1d_params([{"params": list(params)}])
-    return BUILDERS[name](groups, lr, weight_decay, momentum, eta, device)
+    groups = split_1d_params([{"params": list(params)}], lr_1d_scale)
+    optimizer = BUILDERS[name](groups, lr, weight_decay, momentum, eta, device)
+    set_lr(optimizer, lr)  # the 1-D group starts at its multiple too, before the first scheduled step
+    return optimizer

@@ -6,7 +6,8 @@ Per parameter p with gradient g (see docs/recipe.md):
     m = mu * m + r * u
     p = p - lr * m
 Parameters in a group with `lars_adapt=False` (by default every 1-D tensor: biases and norm
-weights) get neither weight decay nor the trust ratio: plain SGD with momentum.
+weights) get neither weight decay nor the trust ratio: plain SGD with momentum, at the schedule's lr
+times the group's `lr_scale` (`set_lr`).
 
 This differs from the LARC / timm / torch-optimizer formula r = eta ||p|| / (||g|| + wd ||p||).
 Every operation is a `torch._foreach_*` call over a whole group, the norms are stacked on the
@@ -61,7 +62,7 @@ class LARS(Optimizer):
 
     Parameters
     ----------
-    params: tensors, or param-group dicts (a group may set lr, momentum, weight_decay, eta, lars_adapt).
+    params: tensors, or param-group dicts (a group may set lr, momentum, weight_decay, eta, lars_adapt, lr_scale).
     lr: the learning rate (>= 0); a 0-d tensor on the parameters' device is updated in place by `set_lr`,
         so a compiled step does not recompile as it moves.
     momentum: mu, in [0, 1); 0 skips the momentum buffers.
@@ -69,6 +70,7 @@ class LARS(Optimizer):
     eta: the trust coefficient (> 0) of r = eta * ||p|| / ||u||.
     exclude_1d: move every 1-D tensor (biases, norm weights) into a group with neither weight decay nor
         trust ratio (`optim.param_groups.split_1d_params`); False when the groups are already split.
+    lr_1d_scale: with exclude_1d, the 1-D group's lr as a multiple of the schedule's (`set_lr`).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class LARS(Optimizer):
         weight_decay: float = 0.0,
         eta: float = 1e-3,
         exclude_1d: bool = True,
+        lr_1d_scale: float = 1.0,
     ):
         if not isinstance(lr, torch.Tensor) and lr < 0:
             raise ValueError(f"LARS: lr must be >= 0, got {lr}")
@@ -90,7 +93,10 @@ class LARS(Optimizer):
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         if exclude_1d:
-            groups = split_1d_params(groups)
+            groups = split_1d_params(groups, lr_1d_scale)
+        # A scaled group holds its own lr (a new tensor when lr is one), which `set_lr` fills with its multiple.
+        groups = [{**group, "lr": lr * group["lr_scale"]} if "lr" not in group and group.get("lr_scale", 1.0) != 1.0
+                  else group for group in groups]
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_adapt=True)
         super().__init__(groups, defaults)
 
@@ -161,15 +167,17 @@ class PerParameterLARS(LARS):
 
 
 def set_lr(optimizer: Optimizer, lr: float) -> None:
-    """Set every group's lr; tensor lrs are filled in place (no host sync, no recompile).
+    """Set every group's lr to `lr` times its `lr_scale` (1 where it has none); tensor lrs are filled in place
+    (no host sync, no recompile).
 
     Parameters
     ----------
     optimizer: any torch optimizer; ByolStep calls this before every step.
-    lr: the step's learning rate (`optim.schedules.Schedule.lr`), the same for every group.
+    lr: the step's learning rate (`optim.schedules.Schedule.lr`).
     """
     for group in optimizer.param_groups:
+        group_lr = lr * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(group_lr)
         else:
-            group["lr"] = lr
+            group["lr"] = group_lr

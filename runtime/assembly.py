@@ -130,7 +130,7 @@ def build_step(cfg: TrainConfig, byol: BYOL, device: torch.device, online: torch
     online: the module that runs the online network, DDP(byol.online) under DDP (default: byol.online).
     """
     optimizer = build_optimizer(cfg.optimizer, byol.online.parameters(), scaled_lr(cfg.base_lr, cfg.batch_size),
-                                cfg.weight_decay, cfg.momentum, cfg.eta, device)
+                                cfg.weight_decay, cfg.momentum, cfg.eta, device, cfg.lr_1d_scale)
     return ByolStep(byol, optimizer, device, precision=step_precision(cfg.precision, device), compile=cfg.compile,
                     online=online)
 

@@ -147,8 +147,9 @@ def test_resume_rules_live_in_the_options():
                                                   "width"]
     # The schedule and the data cannot change mid-run either: a new run takes another --out...
     assert sorted(options_on_resume(FIXED)) == ["base_lr", "batch_size", "blur", "bn_per_view", "data", "epochs",
-                                                "eta", "in_memory", "jitter", "loader", "min_scale", "momentum",
-                                                "res", "seed", "steps", "tau_base", "warmup_epochs", "weight_decay"]
+                                                "eta", "in_memory", "jitter", "loader", "lr_1d_scale", "min_scale",
+                                                "momentum", "res", "seed", "steps", "tau_base", "warmup_epochs",
+                                                "weight_decay"]
     # ...and where and how fast the run goes, and how often it logs, changes without a note.
     assert sorted(options_on_resume(QUIET)) == ["compile", "device", "gpus", "log_every", "out", "processes",
                                                 "resume", "time_limit", "workers"]
