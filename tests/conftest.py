@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from acceptance_runs import QuickRun, quick_run
 from bad_files import write_bad_files
 from ffcv_betons import MAX_RES
 from PIL import Image
@@ -49,6 +50,13 @@ def dirty_beton(dirty_corpus: str, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("beton") / "dirty.beton")
     assert ffcv_convert(["--src", dirty_corpus, "--out", out, "--max-res", str(MAX_RES), "--workers", "2"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def acceptance_quick(photo_corpus: str, tmp_path_factory) -> QuickRun:
+    """`python -m benchmark.acceptance --quick` once per session, no budget, on the 64-photo corpus (about
+    2.5 minutes on 2 cores): test_acceptance.py's quick tests, and test_benchmark.py's on a CPU machine."""
+    return quick_run(photo_corpus, tmp_path_factory.mktemp("acceptance"))
 
 
 def pytest_collection_modifyitems(config, items):

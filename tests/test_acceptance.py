@@ -10,12 +10,12 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from acceptance_runs import QuickRun, accept
 from rich.console import Console
 
 import benchmark.acceptance as acceptance
@@ -25,7 +25,6 @@ from benchmark.checks import CheckResult, Outcome
 from benchmark.progress import Heartbeat
 from benchmark.throughput import LOADERS, is_installed
 
-REPO = Path(__file__).resolve().parents[1]
 CPU_FACTS = {"torch": {"cuda_available": False, "version": torch.__version__, "cuda": None}, "device": "cpu",
              "device_name": "test cpu", "git_commit": "abc", "versions": {}, "driver": {},
              "dali": {"wheels": {"nvidia-dali-cuda130": 13}, "matches_torch": None},
@@ -131,19 +130,12 @@ def test_sigterm_during_a_check_keeps_the_finished_ones_in_the_summary(monkeypat
     assert code == 1
 
 
-def _accept(*args: str, timeout: float = 840) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmark.acceptance", "--quick", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
 @pytest.fixture(scope="module")
-def quick(photo_corpus: str, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, dict, Path]:
-    """Every check in quick mode, no budget, on the session's 64-photo corpus (converted by the data check)."""
-    tmp = tmp_path_factory.mktemp("acceptance")
-    results = tmp / "results"
-    proc = _accept("--corpus", photo_corpus, "--cache", str(tmp / "cache"), "--results", str(results))
-    summary = json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
-    return proc, results, summary, tmp / "cache"
+def quick(acceptance_quick: QuickRun) -> tuple[subprocess.CompletedProcess, Path, dict, Path]:
+    """Every check in quick mode, no budget, on the session's 64-photo corpus (converted by the data check):
+    the session's one run (tests/acceptance_runs.py)."""
+    run = acceptance_quick
+    return run.proc, run.results, run.summary, run.cache
 
 
 @pytest.mark.slow
@@ -204,7 +196,7 @@ def test_quick_run_with_a_120_s_budget_ends_within_150_s_and_names_what_it_skipp
     _, _, _, cache = quick  # the corpus's .beton is converted already, as on a second run
     results = tmp_path / "results"
     start = time.monotonic()
-    proc = _accept("--budget", "120", "--corpus", photo_corpus, "--cache", str(cache), "--results", str(results),
+    proc = accept("--budget", "120", "--corpus", photo_corpus, "--cache", str(cache), "--results", str(results),
                    timeout=300)
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
