@@ -54,7 +54,7 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_pa
 def test_train_py_runs_two_cpu_processes(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "--loader", "synthetic", "--gpus", "0", "--processes", "2",
-         "--arch", "resnet18", "--res", "8", "--batch-size", "8", "--no-compile", "--hidden-dim", "64",
+         "--arch", "resnet18", "--width", "8", "--res", "8", "--batch-size", "8", "--no-compile", "--hidden-dim", "64",
          "--proj-dim", "32", "--workers", "0", "--steps", "2", "--log-every", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -67,14 +67,14 @@ def test_train_py_runs_two_cpu_processes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     # Cross-replica BN (--sync-bn is the default) leaves plain-BN state: the checkpoint loads strictly
-    # into an unconverted BYOL and the exported backbone into a plain small-stem ResNet-18.
-    cfg = TrainConfig(arch="resnet18", res=8, hidden_dim=64, proj_dim=32).resolved()
+    # into an unconverted BYOL and the exported backbone into a plain small-stem ResNet-18 (of its width, 8).
+    cfg = TrainConfig(arch="resnet18", width=8, res=8, hidden_dim=64, proj_dim=32).resolved()
     byol = build_model(cfg, torch.device("cpu"))
     byol.online.load_state_dict(state["online"])
     byol.target.load_state_dict(state["target"])
     # Per-view BN: 2 training-mode calls per step in each network.
     assert state["online"]["encoder.bn1.num_batches_tracked"] == state["target"]["0.bn1.num_batches_tracked"] == 4
-    build_backbone("resnet18", small_images=True)[0].load_state_dict(torch.load(tmp_path / "backbone.pt",
+    build_backbone("resnet18", small_images=True, width=8)[0].load_state_dict(torch.load(tmp_path / "backbone.pt",
                                                                                 weights_only=True)["state_dict"])
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,23 +31,20 @@ def test_the_gpu_config_is_the_full_width_small_image_recipe():
     assert cfg.compile and cfg.precision == "bf16" and cfg.eval_every > 0 and cfg.eval_limit is None
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    """One Fashion-MNIST cache (PNG folders and .beton) shared by all loaders' runs."""
-    return str(tmp_path_factory.mktemp("fastbyol-cache"))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("loader", sorted(LOADER_MODULES))
-def test_short_built_in_run_with_each_installed_loader(loader, cache_dir, tmp_path):
+def test_short_built_in_run_with_each_installed_loader(loader, tmp_path):
+    """In the built-in dataset's own cache ($FASTBYOL_CACHE, else ~/.cache/fastbyol), as the README's command,
+    test_quickstart.py and the acceptance's fashion-mnist check read it: made once per machine (PNG folders,
+    .beton), not once per test session; test_builtin.py makes and checks it from scratch on a small source."""
     if not is_available(loader):
         pytest.skip(f"loader {loader} is not installed")
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(CONFIG), "--loader", loader, "--steps", "3",
          "--batch-size", "16", "--log-every", "1", "--eval-limit", "200", "--workers", "1",
          "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=580, env={**os.environ, "FASTBYOL_CACHE": cache_dir},
+        capture_output=True, text=True, timeout=580,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

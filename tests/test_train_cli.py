@@ -25,9 +25,9 @@ from runtime.checkpoint import CheckpointDir, load_checkpoint
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("run")
-    # Standard stem at 32 px, so backbone.pt is a stock torchvision resnet18 state_dict.
-    result = run_train(*TINY, "--res", "32", "--no-small-images", "--steps", "4", "--log-every", "2",
-                       "--out", str(out))
+    # Full width and the standard stem at 32 px, so backbone.pt is a stock torchvision resnet18 state_dict.
+    result = run_train(*TINY, "--width", "64", "--res", "32", "--no-small-images", "--steps", "4", "--log-every",
+                       "2", "--out", str(out))
     return result, out
 
 

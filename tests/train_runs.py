@@ -12,8 +12,10 @@ import torch
 
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 
+# Width 8: 1/64 of the full network's conv weights, so a step and a checkpoint cost little (a test that needs
+# the full width, e.g. a stock torchvision state_dict, adds --width 64: the last flag wins).
 TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--batch-size", "8", "--no-compile",
-        "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
+        "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0", "--width", "8")
 
 
 def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
