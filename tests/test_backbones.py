@@ -99,6 +99,7 @@ print("trained")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_narrow_resnet_trains_channels_last_on_the_cpu_without_corrupting_memory():
     proc = subprocess.run([sys.executable, "-c", NARROW_TRAINING], capture_output=True, text=True, timeout=110,

@@ -236,6 +236,7 @@ def test_sigint_while_numba_compiles_stops_the_run(tmp_path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "whole_group"), [(signal.SIGINT, False), (signal.SIGINT, True),
                                                      (signal.SIGTERM, False)],
                          ids=["sigint", "ctrl-c-to-the-process-group", "sigterm"])
@@ -262,6 +263,7 @@ def test_signal_while_writing_exits_promptly_leaving_nothing(tmp_path, signum: i
     assert not _wait_until_gone(children)
 
 
+@pytest.mark.slow
 def test_sigkill_takes_the_workers_and_the_next_run_removes_its_temp_file(tmp_path, capfd) -> None:
     """Killed outright, the converter cannot clean up: its workers must still die with it (they were
     orphaned, writing on), and the temp file it leaves is removed by the next conversion into that folder."""

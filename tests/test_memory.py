@@ -76,6 +76,7 @@ def test_several_cpu_processes_share_the_memory_and_gpus_are_counted_one_by_one(
     assert memory.device_memory(cfg, 2, use_cuda=True) == (40 * 10**9, "each GPU has 40.0 GB")
 
 
+@pytest.mark.slow
 def test_the_bare_command_of_the_old_defaults_is_refused_in_one_line(tmp_path):
     # ResNet-50 at 224 px, batch 256: ~23 GB resident within 30 s on a 24 GB machine before the kernel killed it.
     result = run_train("--gpus", "0", "--arch", "resnet50", "--res", "224", "--batch-size", "4096", "--out",

@@ -37,6 +37,7 @@ print("layer", numba.threading_layer())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not is_available("ffcv"), reason="ffcv is not installed")
 def test_forking_while_ffcv_decodes_prints_no_numba_thread_warning(photo_corpus: str, tmp_path: Path) -> None:
     """numba's TBB pool printed "Unable to join threads to shut down before fork()" at every fork made

@@ -76,6 +76,7 @@ def error_line(capsys, argv: list[str], code: int = 2) -> str:
 
 # 1. SIGTERM to the whole process group with DataLoader workers.
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_process_group_checkpoints_and_exits_143_with_torchvision_workers(tiny_folder, tmp_path):
     out = tmp_path / "run"
@@ -96,6 +97,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_with_torchvision
 
 # 2. One run per --out.
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "run"
@@ -151,7 +153,8 @@ def test_resume_with_other_model_options_names_them(capsys, finished, tmp_path, 
     (("--steps", "300"), "--steps 3 -> 300"),
     (("--steps", "2"), "--steps 3 -> 2"),
     ((), "--steps 3 -> unset"),  # the run was cut with --steps; the plain command would stretch its schedule
-    (("--loader", "torchvision"), "--loader synthetic -> torchvision"),
+    # Builds the torchvision loader over the 60,000 built-in images before the checkpoint is read: 12 s.
+    pytest.param(("--loader", "torchvision"), "--loader synthetic -> torchvision", marks=pytest.mark.slow),
     (("--base-lr", "0.1", "--batch-size", "16"), "--batch-size 8 -> 16, --base-lr 1.0 -> 0.1"),
     (("--seed", "1"), "--seed 0 -> 1"),
 ])
@@ -259,6 +262,7 @@ def test_startup_line_names_what_is_read_and_no_tensorboard_note(capsys, tmp_pat
     assert f"on {tiny_folder} via the torchvision loader at 8px" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_too_many_workers_is_one_warning_naming_the_option(tmp_path, tiny_folder):
     # A subprocess (pytest would swallow torch's warnings in-process) on a 1-core machine, for train.py and torch.
     one_core = ("import os, sys; os.sched_getaffinity = lambda pid: {0}; import train; "

@@ -219,6 +219,7 @@ def test_bad_config_file_gives_one_clear_line(capsys, tmp_path, body, expected):
     assert expected in main_error(capsys, "--config", str(path))
 
 
+@pytest.mark.slow
 def test_time_limit_stops_saves_evaluates_and_resume_finishes_the_schedule(tmp_path):
     """--time-limit: at the first log point past the limit the run saves, writes its final outputs and
     exits 0 short of its steps; --resume (without the limit) trains on to the schedule's last step."""
