@@ -21,13 +21,16 @@ from config import TrainConfig, parse_config
 from evaluation.finetune import default_epochs
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 
+NO_GPUS_FLAG = TINY[:2] + TINY[4:]  # TINY without "--gpus 0"
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("run")
-    # Full width and the standard stem at 32 px, so backbone.pt is a stock torchvision resnet18 state_dict.
-    result = run_train(*TINY, "--width", "64", "--res", "32", "--no-small-images", "--steps", "4", "--log-every",
-                       "2", "--out", str(out))
+    # Full width and the standard stem at 32 px, so backbone.pt is a stock torchvision resnet18 state_dict;
+    # --device cpu in place of --gpus 0: the minimal command's device flag.
+    result = run_train(*NO_GPUS_FLAG, "--device", "cpu", "--width", "64", "--res", "32", "--no-small-images",
+                       "--steps", "4", "--log-every", "2", "--out", str(out))
     return result, out
 
 
@@ -169,9 +172,6 @@ def test_finetune_on_a_folder_needs_val_data(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-NO_GPUS_FLAG = TINY[:2] + TINY[4:]  # TINY without "--gpus 0"
-
-
 def test_device_shorthand_for_gpus(capsys, tmp_path):
     assert parse_config(["--device", "cpu"]).resolved().gpus == 0
     assert parse_config(["--device", "cuda"]).resolved().gpus is None  # all visible GPUs
@@ -183,9 +183,8 @@ def test_device_shorthand_for_gpus(capsys, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_device_cpu_runs_the_minimal_command(tmp_path):
-    result = run_train(*NO_GPUS_FLAG, "--device", "cpu", "--res", "16", "--steps", "2", "--log-every", "1",
-                       "--out", str(tmp_path))
+def test_device_cpu_runs_the_minimal_command(finished_run):
+    result, _ = finished_run  # started with --device cpu and no --gpus
     assert result.returncode == 0, result.stderr
     assert "over 1 process(es) on cpu" in result.stdout
 
