@@ -93,9 +93,18 @@ def planned_processes(gpus: int | None, processes: int) -> tuple[int, int]:
     return gpus, gpus if gpus > 0 else processes
 
 
+def threads_per_process(world_size: int) -> int:
+    """torch's intra-op threads for each of `world_size` CPU processes on this machine: its usable cores
+    shared out, as torchrun's OMP_NUM_THREADS does (each process taking every core made 2 gloo ranks on 2
+    cores spin against each other: a 2-process CPU run took 1.6x as long)."""
+    return max(1, len(os.sched_getaffinity(0)) // world_size)
+
+
 def _worker(index: int, fn: Callable[[Any], int], cfg: Any, world_size: int, rendezvous: str) -> None:
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world_size),
                       **{RENDEZVOUS_FILE: rendezvous})
+    if "OMP_NUM_THREADS" not in os.environ:  # the user's (or torchrun's) own choice stands
+        torch.set_num_threads(threads_per_process(world_size))
     code = fn(cfg)
     if code:
         sys.exit(code)

@@ -21,7 +21,7 @@ from config import TrainConfig
 from models.backbones import build_backbone
 from runtime.assembly import build_model, make_loader
 from runtime.checkpoint import CheckpointDir, load_checkpoint
-from runtime.distributed import World, close_world, init_world, launch
+from runtime.distributed import World, close_world, init_world, launch, threads_per_process
 
 
 def ddp_rank(out: str) -> int:
@@ -30,7 +30,8 @@ def ddp_rank(out: str) -> int:
         losses, state = trajectory(world)
     finally:
         close_world(world)
-    torch.save({"losses": losses, "state": state}, Path(out) / f"rank{world.rank}.pt")
+    torch.save({"losses": losses, "state": state, "threads": torch.get_num_threads()},
+               Path(out) / f"rank{world.rank}.pt")
     return 0
 
 
@@ -41,6 +42,8 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_pa
     single_losses, single_state = trajectory(World(0, 0, 1, torch.device("cpu")))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the mean over ranks
+    # Each CPU rank takes its share of the cores (2 ranks each taking all of them spin against each other).
+    assert [rank["threads"] for rank in ranks] == [threads_per_process(2)] * 2
     # Same maths, different summation order (all-reduce of two half-batch gradients): float32 noise only.
     assert ranks[0]["losses"] == pytest.approx(single_losses, rel=1e-5)
     assert single_losses[-1] < single_losses[0] - 1e-3  # it trains, so the comparison is not of constants
