@@ -12,6 +12,7 @@ from acceptance_runs import QuickRun, quick_run
 from bad_files import write_bad_files
 from ffcv_betons import MAX_RES
 from PIL import Image
+from quickstart_runs import QuickstartRun, quickstart_smoke
 
 from benchmark.make_corpus import TEST_CORPORA, TEST_CORPORA_ENV, make_corpus
 from datasources.ffcv_convert import main as ffcv_convert
@@ -57,6 +58,13 @@ def acceptance_quick(photo_corpus: str, tmp_path_factory) -> QuickRun:
     """`python -m benchmark.acceptance --quick` once per session, no budget, on the 64-photo corpus (about
     2.5 minutes on 2 cores): test_acceptance.py's quick tests, and test_benchmark.py's on a CPU machine."""
     return quick_run(photo_corpus, tmp_path_factory.mktemp("acceptance"))
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> QuickstartRun:
+    """`python -m benchmark.quickstart -- <a 3-step smoke run>` once per session, from an empty dataset cache:
+    test_quickstart.py's test and test_quickstart_configs.py's FFCV case (tests/quickstart_runs.py)."""
+    return quickstart_smoke(tmp_path_factory.mktemp("quickstart"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from quickstart_runs import SHORT_RUN
 
 from config import parse_config
 from models.backbones import DEFAULT_WIDTH
@@ -34,24 +35,30 @@ def test_the_gpu_config_is_the_full_width_small_image_recipe():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("loader", sorted(LOADER_MODULES))
-def test_short_built_in_run_with_each_installed_loader(loader, tmp_path):
+def test_short_built_in_run_with_each_installed_loader(loader, tmp_path, request):
     """In the built-in dataset's own cache ($FASTBYOL_CACHE, else ~/.cache/fastbyol), as the README's command,
     test_quickstart.py and the acceptance's fashion-mnist check read it: made once per machine (PNG folders,
-    .beton), not once per test session; test_builtin.py makes and checks it from scratch on a small source."""
+    .beton), not once per test session; test_builtin.py makes and checks it from scratch on a small source.
+    FFCV, the config's own loader, is the session's `python -m benchmark.quickstart` smoke run (the same
+    train.py command and flags, from an empty cache: tests/quickstart_runs.py), not a second run."""
     if not is_available(loader):
         pytest.skip(f"loader {loader} is not installed")
-    result = subprocess.run(
-        [sys.executable, "train.py", "--config", str(CONFIG), "--loader", loader, "--steps", "3",
-         "--batch-size", "16", "--log-every", "1", "--eval-limit", "200", "--workers", "1",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=580,
-    )
+    if loader == parse_config(["--config", str(CONFIG)]).resolved().loader:
+        quickstart = request.getfixturevalue("quickstart_run")
+        result, out = quickstart.proc, quickstart.run
+        assert "train.py --config configs/fashion-mnist.toml " + " ".join(SHORT_RUN) in \
+            json.loads(quickstart.result.read_text())["command"]
+    else:
+        out = tmp_path
+        result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), "--loader", loader, *SHORT_RUN,
+                                 "--out", str(out)], capture_output=True, text=True, timeout=580)
     assert result.returncode == 0, result.stdout + result.stderr
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ("on synthetic random views" if loader == "synthetic" else f"via the {loader} loader") in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     # The symmetric loss is the sum of two directed losses, each 2 - 2 cos in [0, 4].
     assert all(0 < r["loss"] <= 8 and r["images_per_s"] > 0 for r in records)
-    scores = json.loads((tmp_path / "eval.json").read_text())
+    scores = json.loads((out / "eval.json").read_text())
     # 10 classes, 200 test images: chance is 10%. After 3 steps the BN running statistics are still
     # near their initial values, so the eval-mode kNN may sit at chance; the probe standardizes its
     # features and beats chance anyway.
@@ -61,5 +68,5 @@ def test_short_built_in_run_with_each_installed_loader(loader, tmp_path):
     assert "raw pixels" in result.stdout
     # The exported narrow backbone loads into a model of its own width (read from the file).
     cfg = parse_config(["--config", str(CONFIG)]).resolved()
-    encoder, info = load_backbone(tmp_path / "backbone.pt")
+    encoder, info = load_backbone(out / "backbone.pt")
     assert encoder.conv1.out_channels == info.width == cfg.width < DEFAULT_WIDTH and info.res == cfg.res
