@@ -189,25 +189,31 @@ def test_quick_numbers_and_files(quick) -> None:
     assert not list(results.rglob("*.pt"))
 
 
+BUDGET_S = 60
+# The quick checks' `needs` add up to more than the budget, so the run must skip some for time (the data check
+# at least: its own needs plus every later check's are above 60 s) and run the last one with what is left.
+assert sum(check.needs["quick"] for check in acceptance.PLAN) > BUDGET_S > acceptance.PLAN[-1].needs["quick"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_quick_run_with_a_120_s_budget_ends_within_150_s_and_names_what_it_skipped(quick, photo_corpus,
-                                                                                      tmp_path) -> None:
+def test_quick_run_with_a_60_s_budget_ends_within_90_s_and_names_what_it_skipped(quick, photo_corpus,
+                                                                                    tmp_path) -> None:
     _, _, _, cache = quick  # the corpus's .beton is converted already, as on a second run
     results = tmp_path / "results"
     start = time.monotonic()
-    proc = accept("--budget", "120", "--corpus", photo_corpus, "--cache", str(cache), "--results", str(results),
-                   timeout=300)
+    proc = accept("--budget", str(BUDGET_S), "--corpus", photo_corpus, "--cache", str(cache), "--results",
+                  str(results), timeout=300)
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert seconds <= 150, seconds
+    assert seconds <= BUDGET_S + 30, seconds
     summary = json.loads((results / "summary.json").read_text())
-    assert list(summary["checks"]) == list(CHECKS) and summary["runs"][-1]["budget_s"] == 120
+    assert list(summary["checks"]) == list(CHECKS) and summary["runs"][-1]["budget_s"] == BUDGET_S
     skipped = [n for n, c in summary["checks"].items() if c["reason"].startswith("not started for time")]
     for name, check in summary["checks"].items():
         assert check["verdict"] in ("pass", "skipped"), (name, check["reason"])
-    assert ("skipped for time: " + ", ".join(skipped) in proc.stdout) if skipped else "skipped for time" not in \
-        proc.stdout
+    assert "data" in skipped and "fashion-mnist" not in skipped, skipped  # the last check runs in what is left
+    assert "skipped for time: " + ", ".join(skipped) in proc.stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [
