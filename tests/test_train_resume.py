@@ -123,25 +123,47 @@ def resume_from(straight: Path, resumed: Path, step: int) -> None:
             path.unlink()
 
 
+# The uninterrupted reference runs with 2 workers: each epoch's draws are a function of (seed, epoch, sample or
+# batch) alone, so of neither the worker count nor an interruption; a resume with --workers 0 is held to it too.
+REFERENCE_WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(photo_corpus, tmp_path_factory, request):
+    """loader -> (its LOADER_RUN command, its uninterrupted run's --out), each run once per module."""
+    done = {}
+
+    def run_for(loader: str) -> tuple[tuple[str, ...], Path]:
+        if loader not in done:
+            data = request.getfixturevalue("photo_beton") if loader == "ffcv" else photo_corpus
+            run = (*LOADER_RUN, "--loader", loader, "--data", data)
+            out = tmp_path_factory.mktemp(f"straight-{loader}") / "run"
+            straight = train(out, "--workers", str(REFERENCE_WORKERS), run=run)
+            assert straight.returncode == 0, straight.stderr
+            done[loader] = run, out
+        return done[loader]
+
+    return run_for
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(("loader", "workers"), [("torchvision", 0), ("torchvision", 2), ("dali", 2), ("ffcv", 2)])
-def test_every_loader_resumed_mid_epoch_matches_an_uninterrupted_run(loader, workers, request, tmp_path) -> None:
+def test_every_loader_resumed_mid_epoch_matches_an_uninterrupted_run(loader, workers, uninterrupted,
+                                                                     tmp_path) -> None:
     """The augmentations of a resumed epoch used to differ from the uninterrupted run's: torchvision's
     DataLoader workers restarted from their first seed (and with --workers 0 the skipped batches drew
     again from the restored generator), DALI rebuilt its pipeline with another order and seed, and FFCV's
     on-device augmentation drew from the trainer's generator. Each epoch's draws are now a function of
-    (seed, epoch, sample or batch) alone."""
-    data = request.getfixturevalue("photo_beton" if loader == "ffcv" else "photo_corpus")
-    run = (*LOADER_RUN, "--loader", loader, "--data", data, "--workers", str(workers))
-    straight = train(tmp_path / "straight", run=run)
-    assert straight.returncode == 0, straight.stderr
-    resume_from(tmp_path / "straight", tmp_path / "resumed", RESUME_AT)
-    resumed = train(tmp_path / "resumed", "--resume", run=run)
+    (seed, epoch, sample or batch) alone. The resumed run continues the uninterrupted run's own folder,
+    as a preempted job does (the worker count may change on resume)."""
+    run, straight = uninterrupted(loader)
+    resume_from(straight, tmp_path / "resumed", RESUME_AT)
+    resumed = train(tmp_path / "resumed", "--workers", str(workers), "--resume", run=run)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {RESUME_AT}" in resumed.stdout
-    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    expected, got = losses(straight), losses(tmp_path / "resumed")
     assert got == expected
     assert final_state(tmp_path / "resumed")["step"] == LOADER_STEPS
-    different = differing_tensors(tmp_path / "straight", tmp_path / "resumed")
+    different = differing_tensors(straight, tmp_path / "resumed")
     assert not different, different[:5]
