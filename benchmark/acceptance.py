@@ -55,11 +55,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from benchmark import checks
-from benchmark.checks import MODES, CheckResult, Context
+from benchmark.checks import MODES, REPO, CheckResult, Context
 from benchmark.make_corpus import find_photos
 from benchmark.progress import Budget, Heartbeat
 from benchmark.report import write_json
-from benchmark.timing import REPO
 
 SCHEMA_VERSION = 2
 DEFAULT_BUDGET_S = {"full": 480.0, "quick": None}  # on CUDA: one device command of at most 8 minutes

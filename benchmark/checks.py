@@ -25,10 +25,11 @@ from pathlib import Path
 from benchmark.environment_probe import environment_headline, judge_environment
 from benchmark.make_corpus import CORPUS_VERSION
 from benchmark.progress import Heartbeat
-from benchmark.timing import REPO
 from datasources.fashion_mnist import FASHION_MNIST_DIR
 from datasources.imagefolder import scan_image_folder
 
+# Not benchmark.timing's REPO: that module imports torch (1.7 s), which the acceptance runner never needs.
+REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_CONFIG = REPO / "configs" / "fashion-mnist-gpu.toml"  # the built-in GPU configuration
 # The README's goal for that configuration; missing it is a note, not a failure: it judges the recipe, not
 # the machine (and a run cut to the budget's minutes rarely reaches it).
