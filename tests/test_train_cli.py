@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 from eval_sets import needs_fashion_mnist
-from train_runs import TINY, run_train
+from train_runs import TINY, run_train, run_train_here
 
 import runtime.preflight
 import train
@@ -67,12 +67,11 @@ def test_run_saves_a_final_checkpoint_and_a_torchvision_backbone(finished_run):
     assert sorted(loaded.missing_keys) == ["fc.bias", "fc.weight"] and not loaded.unexpected_keys
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_path):
+def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_path, capsys):
     # lr 1e36: LARS moves each weight by ~lr * eta * |w| per step, so float32 overflows within steps.
-    result = run_train(*TINY, "--res", "8", "--base-lr", "1e36", "--steps", "8", "--log-every", "1",
-                       "--checkpoint-minutes", "1e-6", "--out", str(tmp_path))
+    result = run_train_here(capsys, *TINY, "--res", "8", "--base-lr", "1e36", "--steps", "8", "--log-every", "1",
+                            "--checkpoint-minutes", "1e-6", "--out", str(tmp_path))
     assert result.returncode == train.NAN_EXIT_CODE, result.stderr
     assert "non-finite" in result.stderr or "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
     kept = CheckpointDir(tmp_path / "checkpoints", keep=3).paths()
@@ -83,13 +82,12 @@ def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_p
         assert all(torch.isfinite(t).all() for t in online.values() if t.is_floating_point()), path.name
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_real_loader_epoch_runs_the_knn_monitor_and_the_final_evaluation(photo_corpus, tmp_path):
+def test_real_loader_epoch_runs_the_knn_monitor_and_the_final_evaluation(photo_corpus, tmp_path, capsys):
     # 64 photos / batch 8 = 8 steps per epoch: the epoch end logs kNN top-1, the end writes eval.json.
-    result = run_train("--loader", "torchvision", "--data", photo_corpus, "--val-data", photo_corpus,
-                       *TINY[2:], "--res", "16", "--epochs", "1", "--log-every", "4", "--eval-every", "1",
-                       "--out", str(tmp_path))
+    result = run_train_here(capsys, "--loader", "torchvision", "--data", photo_corpus, "--val-data", photo_corpus,
+                            *TINY[2:], "--res", "16", "--epochs", "1", "--log-every", "4", "--eval-every", "1",
+                            "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8] and "knn_top1" in records[-1] and "knn_top1" not in records[0]
@@ -108,10 +106,10 @@ def test_real_loader_epoch_runs_the_knn_monitor_and_the_final_evaluation(photo_c
 @needs_fashion_mnist
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_finetune_after_training_adds_its_figures_to_eval_json(tmp_path):
+def test_finetune_after_training_adds_its_figures_to_eval_json(tmp_path, capsys):
     # 100 evenly spaced Fashion-MNIST training images hold 7 to 13 of each class: 50% is 5 of each of the 10.
-    result = run_train(*TINY, "--width", "4", "--res", "16", "--steps", "2", "--eval-every", "1", "--eval-limit",
-                       "100", "--finetune", "50%", "--out", str(tmp_path))
+    result = run_train_here(capsys, *TINY, "--width", "4", "--res", "16", "--steps", "2", "--eval-every", "1",
+                            "--eval-limit", "100", "--finetune", "50%", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert 0 <= scores["linear_top1"] <= 1  # the frozen evaluation stays beside the fine-tunes
@@ -218,20 +216,19 @@ def test_bad_config_file_gives_one_clear_line(capsys, tmp_path, body, expected):
     assert expected in main_error(capsys, "--config", str(path))
 
 
-@pytest.mark.slow
-def test_time_limit_stops_saves_evaluates_and_resume_finishes_the_schedule(tmp_path):
+def test_time_limit_stops_saves_evaluates_and_resume_finishes_the_schedule(tmp_path, capsys):
     """--time-limit: at the first log point past the limit the run saves, writes its final outputs and
     exits 0 short of its steps; --resume (without the limit) trains on to the schedule's last step."""
     out, steps = tmp_path / "run", 40
     args = (*TINY, "--res", "8", "--steps", str(steps), "--log-every", "1", "--checkpoint-minutes", "0",
             "--checkpoint-every", "0", "--out", str(out))
-    cut = run_train(*args, "--time-limit", "0.0001")  # 6 ms: past it at the first log point
+    cut = run_train_here(capsys, *args, "--time-limit", "0.0001")  # 6 ms: past it at the first log point
     assert cut.returncode == 0, cut.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 1 and "--time-limit 0.0001 min reached after step 1 of 40" in cut.stdout
     assert (out / "backbone.pt").is_file()
     assert load_checkpoint(CheckpointDir(out / "checkpoints", keep=3).paths()[0])["step"] == 1
-    resumed = run_train(*args, "--time-limit", "0", "--resume")
+    resumed = run_train_here(capsys, *args, "--time-limit", "0", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == steps and records[-1]["lr"] < 0.01 * max(r["lr"] for r in records)  # decayed

@@ -22,6 +22,18 @@ def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def run_train_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """train.main(args) in this process, its output read from `capsys`, as `run_train` reports a run: for tests of
+    what a run computes and writes, not of the process (signals, exit, memory), saving a process start and the
+    ~4.5 s of imports it costs. Output printed before the call is discarded."""
+    import train
+
+    capsys.readouterr()
+    code = train.main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["train.py", *args], code, captured.out, captured.err)
+
+
 STEPS = 8
 RUN = ("train.py", *TINY, "--res", "8", "--deterministic", "--steps", str(STEPS), "--log-every", "2",
        # Save at every log point, so the interrupted run leaves several checkpoints behind.
