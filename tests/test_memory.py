@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from train_runs import TINY, run_train
+from train_runs import TINY, run_train_here
 
 import runtime.memory as memory
 from config import parse_config
@@ -76,11 +76,11 @@ def test_several_cpu_processes_share_the_memory_and_gpus_are_counted_one_by_one(
     assert memory.device_memory(cfg, 2, use_cuda=True) == (40 * 10**9, "each GPU has 40.0 GB")
 
 
-@pytest.mark.slow
-def test_the_bare_command_of_the_old_defaults_is_refused_in_one_line(tmp_path):
+def test_the_bare_command_of_the_old_defaults_is_refused_in_one_line(tmp_path, capsys):
     # ResNet-50 at 224 px, batch 256: ~23 GB resident within 30 s on a 24 GB machine before the kernel killed it.
-    result = run_train("--gpus", "0", "--arch", "resnet50", "--res", "224", "--batch-size", "4096", "--out",
-                       str(tmp_path / "out"))
+    # Refused before anything is built, so it runs in this process (train.main, as the script calls it).
+    result = run_train_here(capsys, "--gpus", "0", "--arch", "resnet50", "--res", "224", "--batch-size", "4096",
+                            "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert re.match(r"train\.py: error: --batch-size 4096 at 224 px \(resnet50, width 64\) needs about \d+\.\d GB "
                     r"per process .*; use --batch-size \d+ \(or lower --res or --width\)$", result.stderr)
