@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +61,21 @@ def _detail_kb(img: Image.Image) -> float:
     return len(_jpeg_bytes(img.resize((400, 350), Image.Resampling.BILINEAR), 90)) / 1024
 
 
+def _source(path: Path, max_side: int) -> Image.Image | None:
+    """The wallpaper decoded and downscaled to at most `max_side`, or None when it is too smooth to use."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        return img.copy() if _detail_kb(img) >= MIN_DETAIL_KB else None
+
+
 @functools.lru_cache(maxsize=1)
 def _load_sources(photos: tuple[Path, ...], max_side: int = 1600) -> tuple[Image.Image, ...]:
-    """Decode each detailed-enough wallpaper once, downscaled to at most `max_side` (7 s on 2 cores): kept for
-    the process's next corpus (the test session makes two). The images are only read (cropped) afterwards."""
-    sources = []
-    for path in photos:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-            if _detail_kb(img) >= MIN_DETAIL_KB:
-                sources.append(img.copy())
+    """Decode each detailed-enough wallpaper once, downscaled to at most `max_side`, in input order: kept for
+    the process's next corpus (the test session makes two). The images are only read (cropped) afterwards.
+    In threads (PIL decodes, resizes and encodes without the GIL): 7.3 s -> 4 s on 2 cores."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(os.sched_getaffinity(0)), 8))) as pool:
+        sources = [img for img in pool.map(_source, photos, [max_side] * len(photos)) if img is not None]
     if not sources:
         raise SystemExit(f"make_corpus: none of the {len(photos)} wallpapers is detailed enough to use as a photo")
     return tuple(sources)
