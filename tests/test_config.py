@@ -21,9 +21,12 @@ def test_config_defaults_follow_the_recipe():
     short = TrainConfig(epochs=40, res=224).resolved()
     assert (short.base_lr, short.weight_decay, short.tau_base, short.eta) == (0.45, 1e-6, 0.97, 1e-3)
     assert short.small_images is False and short.blur is True
-    # Small images take solo-learn's CIFAR recipe: no blur, lr 1.0, wd 1e-5, eta 0.02, tau 0.99.
+    assert short.lr_1d_scale == 1.0  # the official code's: biases and norm weights at the full lr
+    # Small images take solo-learn's CIFAR recipe (no blur, lr 1.0, eta 0.02, tau 0.99) with the quickstart's
+    # measured 1-D lr scale 0.25 and weight decay 4e-5 (docs/recipe.md).
     small = TrainConfig(epochs=40, res=28).resolved()
-    assert (small.base_lr, small.weight_decay, small.tau_base, small.eta) == (1.0, 1e-5, 0.99, 0.02)
+    assert (small.base_lr, small.weight_decay, small.tau_base, small.eta) == (1.0, 4e-5, 0.99, 0.02)
+    assert small.lr_1d_scale == 0.25
     assert small.small_images is True and small.blur is False
     # Each stays overridable, and an explicit --no-small-images gives the ImageNet recipe at any size.
     assert TrainConfig(res=28, blur=True, eta=0.01).resolved().blur is True
