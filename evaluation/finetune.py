@@ -4,11 +4,12 @@
     python -m evaluation.finetune --checkpoint backbone.pt --data data/train --val-data data/val --labels 1%
 
 For each share of the labelled training split: draw a class-balanced subset (a fixed seed; the same
-images for every backbone, written to finetune-subsets.json), fine-tune the encoder and a linear head
-on it (SGD with Nesterov momentum, no weight decay, cosine lr to 0, random-resized crop and flip as
-the only augmentation), then score top-1 on the whole test split. The same run from random init of
-the same network (arch, width, stem) is the baseline, and a frozen linear probe on the same subset
-shows what fine-tuning adds over the features alone. Results go to finetune.json beside the subsets.
+images for every backbone, written to finetune-subsets.json), fit a frozen linear probe on it, then
+fine-tune the encoder with that probe as its head (LP-FT: SGD with Nesterov momentum, no weight decay,
+cosine lr to 0, random-resized crop and flip as the only augmentation) and score top-1 on the whole
+test split. The same fine-tune from random init of the same network (arch, width, stem), with a new
+head, is the baseline; the probe's own top-1 shows what fine-tuning adds over the frozen features.
+Results go to finetune.json beside the subsets.
 `train.py --finetune 1% 10%` runs the same protocol (`run_protocol`) on the backbone a run exports.
 """
 
@@ -47,7 +48,7 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """How each fine-tune runs; the README's table was measured with these defaults (not tuned: no lr sweep yet).
+    """How each fine-tune runs; the README's table was measured with these defaults (one lr for both starts).
 
     epochs: passes over the subset; None: `default_epochs` (more for smaller subsets).
     batch_size: images per step (a subset smaller than it is one batch).
@@ -136,30 +137,6 @@ def draw_subsets(train_set: EvalSet, test_set: EvalSet, fractions: Sequence[floa
     return {fraction_name(f): draw_subset(train_set.labels, train_set.num_classes, f, seed) for f in fractions}
 
 
-def rescale_to_init_norms(encoder: nn.Module) -> nn.Module:
-    """Scale each conv's weight, in place, to the norm torchvision's init gives it (kaiming normal, fan_out:
-    ||w|| ~ sqrt(2 * in_channels)), and the running statistics of the batch norm after it to match; returns
-    `encoder`. The network computes the same function (a conv followed by BN is scale-invariant), but SGD's
-    effective step on such a weight is lr / ||w||^2: BYOL's LARS leaves the weights 2-6x their initial norm
-    (the quickstart's backbone), so at one lr the pretrained encoder would barely move while the random-init
-    baseline trains at full speed (measured on the quickstart's backbone, 1% of labels: 64.7% without, 72.3%
-    with this)."""
-    modules = list(encoder.modules())
-    for i, conv in enumerate(modules):
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        # torchvision's ResNets register every conv just before its own BN (the shortcut's as downsample.0, .1).
-        norm = next(m for m in modules[i + 1:] if isinstance(m, nn.BatchNorm2d))
-        if norm.num_features != conv.out_channels or conv.bias is not None:
-            raise ValueError(f"rescale_to_init_norms: {conv} is not followed by its own batch norm")
-        scale = math.sqrt(2 * (conv.in_channels // conv.groups)) / conv.weight.norm().item()
-        with torch.no_grad():
-            conv.weight.mul_(scale)
-            norm.running_mean.mul_(scale)
-            norm.running_var.mul_(scale ** 2)
-    return encoder
-
-
 def random_resized_crop_flip(x: torch.Tensor, res: int, min_scale: float, generator: torch.Generator) -> torch.Tensor:
     """A random-resized crop (area min_scale..1, aspect 3/4..4/3) and a coin-flip mirror of each image, resized to
     res x res, as one batched bilinear resample (every op's parameters drawn per sample on the CPU).
@@ -197,6 +174,7 @@ def finetune(
     res: int,
     settings: FinetuneSettings = FinetuneSettings(),
     recipe: ViewRecipe = BYOL_VIEWS,
+    head: nn.Linear | None = None,
 ) -> tuple[nn.Sequential, int]:
     """Train `encoder` (in place: pass a copy to keep the original) and a new linear head on `train_set`;
     return (nn.Sequential(encoder, head), the number of steps taken).
@@ -211,13 +189,16 @@ def finetune(
     res: the side in pixels of the crops the encoder sees.
     settings: epochs, batch size, lr, momentum, crop scale and seed (`FinetuneSettings`).
     recipe: its mean and std normalize the images, as in the frozen evaluation.
+    head: the linear head to start from (trained in place; e.g. a frozen probe's `classifier`); None: a new one
+        with small random weights.
     """
     generator = torch.Generator().manual_seed(settings.seed)
-    head = nn.Linear(feature_dim, train_set.num_classes)
-    with torch.random.fork_rng(devices=[]):  # the head's init from the seed, without moving the caller's RNG
-        torch.manual_seed(settings.seed)
-        nn.init.normal_(head.weight, std=0.01)  # small logits at the start: the pretrained features lead
-        nn.init.zeros_(head.bias)
+    if head is None:
+        head = nn.Linear(feature_dim, train_set.num_classes)
+        with torch.random.fork_rng(devices=[]):  # the head's init from the seed, without moving the caller's RNG
+            torch.manual_seed(settings.seed)
+            nn.init.normal_(head.weight, std=0.01)  # small logits at the start: the pretrained features lead
+            nn.init.zeros_(head.bias)
     model = nn.Sequential(encoder, head).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
                                 weight_decay=0)
@@ -294,17 +275,19 @@ def compare_on_subsets(
         start, subset = time.perf_counter(), train_set.subset(indices)
         scores: dict[str, Any] = {"labels": len(indices), "per_class": torch.bincount(
             labels[indices], minlength=train_set.num_classes).tolist()}
-        starts = (("finetune_top1", rescale_to_init_norms(copy.deepcopy(pretrained))),
-                  ("random_init_finetune_top1", random_init))
-        for key, start_from in starts:
+        probe = linear_probe(*extract_features(pretrained, subset, device, res), *test_features,
+                             train_set.num_classes)
+        # The pretrained encoder starts with the probe as its head (LP-FT, Kumar et al. 2022): a random head's
+        # first, large gradients would otherwise reshape the features before the head has learnt to read them.
+        starts = (("finetune_top1", pretrained, probe.classifier), ("random_init_finetune_top1", random_init, None))
+        for key, start_from, head in starts:
             run_start = time.perf_counter()
-            model, steps = finetune(copy.deepcopy(start_from), info.feature_dim, subset, device, res, settings)
+            model, steps = finetune(copy.deepcopy(start_from), info.feature_dim, subset, device, res, settings,
+                                    head=copy.deepcopy(head))
             scores[key] = top1(model, test_set, device, res)
             scores[key.replace("top1", "seconds")] = round(time.perf_counter() - run_start, 1)
             log(f"fine-tune {name} ({len(indices):,} labels) from {'random init' if 'random' in key else 'BYOL'}: "
                 f"top-1 {100 * scores[key]:.1f}% ({steps} steps, {scores[key.replace('top1', 'seconds')]:.0f} s)")
-        probe = linear_probe(*extract_features(pretrained, subset, device, res), *test_features,
-                             train_set.num_classes)
         scores |= {"frozen_probe_top1": probe.top1, "frozen_probe_weight_decay": probe.weight_decay,
                    "epochs": settings.epochs or default_epochs(len(indices)), "steps": steps,
                    "seconds": round(time.perf_counter() - start, 1)}

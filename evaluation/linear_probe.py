@@ -3,7 +3,8 @@
 Features are standardized with the training set's per-dimension mean/std. The classifier is fit
 full-batch with L-BFGS (deterministic, no lr to tune); the L2 penalty is picked from a small sweep
 by accuracy on a held-out part of the training set, then the probe is refit on the whole training
-set with that penalty and scored on the test set.
+set with that penalty and scored on the test set. The refit probe comes back folded into one
+`nn.Linear` on the raw features (the standardization in its weights), e.g. to start a fine-tune's head.
 """
 
 from __future__ import annotations
@@ -26,13 +27,21 @@ class ProbeResult:
     top1: float  # test accuracy in [0, 1]
     weight_decay: float  # the penalty chosen on the held-out split
     val_top1: float  # its held-out accuracy
+    classifier: torch.nn.Linear  # the refit probe on raw (not standardized) features: logits = classifier(x)
 
 
-def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Scale every set with the training set's per-dimension mean and std (constant dims stay 0)."""
-    mean = train.mean(dim=0)
-    std = train.std(dim=0).clamp_min(1e-6)
-    return [(x - mean) / std for x in (train, *others)]
+def standardization(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training set's per-dimension mean and std (a constant dimension's std is 1e-6: it stays 0)."""
+    return train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def fold_standardization(probe: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> torch.nn.Linear:
+    """A new Linear computing probe((x - mean) / std) from raw x: weight W / std, bias b - (W / std) @ mean."""
+    folded = torch.nn.Linear(probe.in_features, probe.out_features, device=probe.weight.device)
+    folded.weight.copy_(probe.weight / std)
+    folded.bias.copy_(probe.bias - folded.weight @ mean)
+    return folded
 
 
 def fit_logistic(
@@ -94,7 +103,8 @@ def linear_probe(
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    train_x, test_x = standardize(train_x.float(), test_x.float())
+    mean, std = standardization(train_x.float())
+    train_x, test_x = ((x.float() - mean) / std for x in (train_x, test_x))
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
     n_val = max(1, round(val_fraction * len(train_x)))
     val, fit = order[:n_val], order[n_val:]
@@ -102,4 +112,5 @@ def linear_probe(
               for wd in weight_decays}
     best = max(scores, key=scores.get)
     probe = fit_logistic(train_x, train_y, num_classes, best)
-    return ProbeResult(top1=accuracy(probe, test_x, test_y), weight_decay=best, val_top1=scores[best])
+    return ProbeResult(top1=accuracy(probe, test_x, test_y), weight_decay=best, val_top1=scores[best],
+                       classifier=fold_standardization(probe, mean, std))

@@ -24,6 +24,7 @@ from evaluation import (
 from evaluation.__main__ import main
 from evaluation.data import eval_splits
 from evaluation.features import prepare
+from evaluation.linear_probe import fit_logistic
 from models.backbones import build_backbone
 from models.export import save_backbone
 from pipelines.views import BYOL_VIEWS
@@ -83,6 +84,21 @@ def test_linear_probe_separable_and_shuffled() -> None:
     shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(5))]
     random_test = torch.randint(4, (2000,), generator=torch.Generator().manual_seed(6))
     assert abs(linear_probe(train_x, shuffled, test_x, random_test, 4).top1 - 0.25) < 0.05
+
+
+def test_the_probes_classifier_reads_raw_features() -> None:
+    # Features far from standardized (a large offset and per-dimension scales): the folded classifier on the raw
+    # test features must give the probe's logits on the standardized ones, computed here by hand.
+    train_x, train_y = clusters(400, 3, 8, seed=2, spread=1.0)
+    test_x, test_y = clusters(300, 3, 8, seed=3, spread=1.0)
+    scale, offset = torch.linspace(0.1, 20, 8), torch.linspace(-50, 50, 8)
+    train_x, test_x = train_x * scale + offset, test_x * scale + offset
+    result = linear_probe(train_x, train_y, test_x, test_y, 3)
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0)
+    refit = fit_logistic((train_x - mean) / std, train_y, 3, result.weight_decay)
+    with torch.no_grad():
+        torch.testing.assert_close(result.classifier(test_x), refit((test_x - mean) / std), rtol=1e-4, atol=1e-3)
+        assert (result.classifier(test_x).argmax(dim=1) == test_y).float().mean().item() == result.top1
 
 
 @needs_fashion_mnist

@@ -3,8 +3,8 @@ random-init baseline of the same network, and `python -m evaluation.finetune` en
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -98,53 +98,31 @@ def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypat
     saved = torch.load(tmp_path / "backbone.pt", weights_only=True)["state_dict"]
     started_from = []
 
-    def recording_finetune(encoder, *args, **kwargs):
-        started_from.append({k: v.clone() for k, v in encoder.state_dict().items()})
-        return real_finetune(encoder, *args, **kwargs)
+    def recording_finetune(encoder, *args, head=None, **kwargs):
+        started_from.append(({k: v.clone() for k, v in encoder.state_dict().items()}, copy.deepcopy(head)))
+        return real_finetune(encoder, *args, head=head, **kwargs)
 
     real_finetune = ft.finetune
     monkeypatch.setattr(ft, "finetune", recording_finetune)
     encoder, info = ft.load_backbone(tmp_path / "backbone.pt")
-    results, _ = ft.compare_on_subsets(encoder, info, tiny_set(side=16), tiny_set(8, side=16), [0.5], "cpu", 16,
+    test_set = tiny_set(8, side=16)
+    results, _ = ft.compare_on_subsets(encoder, info, tiny_set(side=16), test_set, [0.5], "cpu", 16,
                                        ft.FinetuneSettings(epochs=1, batch_size=4), log=lambda line: None)
-    pretrained, random_init = started_from
+    (pretrained, probe_head), (random_init, new_head) = started_from
     # Both start from the saved file's tensors' names and shapes (arch, width and stem); only the values differ.
     for state in (pretrained, random_init):
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in saved.items()}
-    # The pretrained start is the saved network at torchvision's init norms (the same function).
+    assert all(torch.equal(v, saved[k]) for k, v in pretrained.items())  # the saved network as it is
+    assert not torch.equal(random_init["conv1.weight"], saved["conv1.weight"])
+    # The pretrained start's head is the frozen probe: the saved encoder with it scores the probe's top-1.
     reference, _ = build_backbone("resnet18", small_images=small_images, width=width)
     reference.load_state_dict(saved)
-    rescaled = ft.rescale_to_init_norms(reference).state_dict()
-    for k in saved:  # the norm is summed in another memory order there (channels_last): equal to rounding
-        torch.testing.assert_close(pretrained[k], rescaled[k], rtol=1e-5, atol=0)
-    assert not torch.equal(random_init["conv1.weight"], saved["conv1.weight"])
+    probe_top1 = ft.top1(nn.Sequential(reference, probe_head), test_set, torch.device("cpu"), res=16)
+    assert probe_top1 == pytest.approx(results["50%"]["frozen_probe_top1"], abs=1e-6)
+    assert new_head is None  # the random-init baseline gets a new head
     assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())  # the caller's encoder is kept
     assert set(results["50%"]) >= {"labels", "finetune_top1", "random_init_finetune_top1", "frozen_probe_top1",
                                    "epochs", "seconds"}
-
-
-def test_rescaling_to_init_norms_keeps_the_function_and_restores_the_init_scale():
-    torch.manual_seed(0)
-    encoder, _ = build_backbone("resnet18", small_images=True, width=8)
-    with torch.no_grad():  # a trained network's weights: several times their initial norms, each layer its own
-        for i, conv in enumerate(m for m in encoder.modules() if isinstance(m, nn.Conv2d)):
-            conv.weight.mul_(2 + i % 5)
-    for norm in (m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)):
-        norm.momentum = None  # running statistics = the (cumulative) batch's: a trained network's, not init's
-    encoder.train()
-    x = torch.randn(16, 3, 16, 16)
-    encoder(x)
-    before_train, before_eval = encoder(x), encoder.eval()(x)
-    ft.rescale_to_init_norms(encoder)
-    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) == 20  # stem, 16 block convs, 3 shortcuts: each followed by its own batch norm
-    for conv in convs:
-        assert conv.weight.norm().item() == pytest.approx(math.sqrt(2 * conv.in_channels), rel=1e-5)
-    encoder.train()
-    torch.testing.assert_close(encoder(x), before_train, rtol=1e-4, atol=1e-4)  # batch statistics: exact
-    # Running statistics: equal but for BN's eps, now added to a variance scaled by 1/4..1/36 (without scaling
-    # them the outputs would be off by the weights' factors, 2-6x).
-    torch.testing.assert_close(encoder.eval()(x), before_eval, rtol=1e-2, atol=1e-3)
 
 
 def error_line(capsys, argv: list[str]) -> str:
