@@ -37,3 +37,14 @@ def quiet_cpu_compile() -> None:
     runtime is found, using CUDA_HOME=..." although nothing CUDA is built: noise on every CPU run."""
     if not torch.cuda.is_available():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with (inductor's search: `torch._inductor.config.cpp.cxx`,
+    $CXX first, then g++ / clang++), or None when none runs: compiling a CPU step would fail at its first call."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None

@@ -13,6 +13,7 @@ from datasources.builtin import FASHION_MNIST, parse_builtin
 from evaluation.finetune import parse_fractions
 from pipelines.registry import INSTALL_HINTS, is_available
 from pipelines.views import BYOL_VIEWS
+from runtime.backends import cpu_compiler
 from runtime.distributed import local_processes, planned_processes, under_launcher, visible_gpus
 from runtime.memory import check_fits
 
@@ -76,6 +77,10 @@ def check(cfg: TrainConfig) -> int:
                  f"--finetune with --data {cfg.data} needs --val-data, an existing labelled ImageFolder of other "
                  "images than --data's to score the fine-tunes on")
 
+    if cfg.compile and not (gpus > 0 and visible_gpus() > 0):
+        _require(cpu_compiler() is not None,
+                 "--compile on CPU builds the step's kernels with a C++ compiler and none was found (g++, clang++ "
+                 "or $CXX): install one (apt-get install g++) or pass --no-compile")
     out = Path(cfg.out)
     _require(not out.exists() or out.is_dir(), f"--out {cfg.out} exists and is not a folder")
     # Last: the estimate builds the networks on the meta device, worth it only for a run that passed the rest.

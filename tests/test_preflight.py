@@ -3,12 +3,14 @@ starts, with one line naming the flag, what it accepts and the value given."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from dataclasses import fields, replace
 
 import pytest
 
 from config import AT_LEAST_1, NOT_NEGATIVE, TrainConfig, option_flag
-from runtime import preflight
+from runtime import backends, preflight
 
 # A value just outside each bound kind, by hand; the float ranges each name their own.
 OUTSIDE = {AT_LEAST_1: 0, NOT_NEGATIVE: -1}
@@ -39,3 +41,21 @@ def test_a_value_outside_an_options_bound_is_one_line(name):
 def test_non_finite_floats_are_refused_before_their_range():
     with pytest.raises(ValueError, match=r"^--momentum must be a finite number, got nan$"):
         preflight.check_values(replace(VALID, momentum=float("nan")))
+
+
+def test_compiling_a_cpu_step_without_a_cpp_compiler_is_one_line(monkeypatch, tmp_path):
+    cfg = replace(VALID, compile=True, out=str(tmp_path / "run"))
+    monkeypatch.setattr(preflight, "cpu_compiler", lambda: None)
+    message = (r"^--compile on CPU builds the step's kernels with a C\+\+ compiler and none was found .*: "
+               r"install one \(apt-get install g\+\+\) or pass --no-compile$")
+    with pytest.raises(ValueError, match=message):
+        preflight.check(cfg)
+    assert preflight.check(replace(cfg, compile=False)) == 1  # the eager step needs no compiler
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ on PATH")
+def test_the_compiler_found_is_the_one_inductor_runs(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    found = backends.cpu_compiler()
+    assert found is not None and shutil.which(found) is not None
+    subprocess.run([found, "--version"], check=True, capture_output=True)
