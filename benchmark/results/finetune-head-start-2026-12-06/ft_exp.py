@@ -2,7 +2,6 @@
 
     PYTHONPATH=<tree> python ft_exp.py BACKBONE FRACTION kind:lr ...
 
-
 A one-off experiment (see README.md beside it): the run's lines are in log.txt.
 """
 import copy
