@@ -21,14 +21,18 @@ FFCV's loader thread and hangs the loop instead of raising.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline import PipelineSpec
 from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
@@ -43,6 +47,8 @@ from pipelines.gpu_augment import TwoViewAugment
 
 ORDERS = ("random", "sequential", "quasi_random")
 CONVERT_HINT = "create one with: python -m datasources.ffcv_convert --src <ImageFolder root> --out <file>.beton"
+# FFCV's epoch thread checks its stop event every 0.5 s between batches; a batch decodes in well under this.
+EPOCH_THREAD_JOIN_S = 10.0
 
 
 class ShardedOrder(TraversalOrder):
@@ -176,7 +182,13 @@ class FfcvTwoViewLoader:
         self.decoder.set_epoch(self.loader.next_epoch)
         with keep_torch_threads():
             epoch = iter(self.loader)
-        yield from epoch
+        try:
+            yield from epoch
+        finally:
+            # An epoch left early (a run ending mid-epoch, an error): stop FFCV's daemon thread and wait for it.
+            # A process that exits while that thread is inside a numba OpenMP loop aborts ("terminate called
+            # without an active exception", exit -6) after its work is done.
+            stop_epoch_thread(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.loader.next_epoch
@@ -189,6 +201,18 @@ class FfcvTwoViewLoader:
         generator would make them depend on every draw before: a run resumed mid-epoch, which draws
         and skips the batches it already trained on, would augment the rest differently."""
         return torch.Generator(self.device).manual_seed(seed_from(self.cfg.seed, self.cfg.rank, epoch, batch))
+
+
+def stop_epoch_thread(epoch: EpochIterator, timeout: float = EPOCH_THREAD_JOIN_S) -> None:
+    """Stop FFCV's decoding thread of an epoch left early and wait for it (up to `timeout` seconds). The thread
+    reads its stop event only while a batch waits (0.5 s at a time) for room in the full queue; the epoch's
+    end-marker waits for room without reading it, so each wait that outlasts that takes one batch out."""
+    epoch.close()
+    deadline = time.monotonic() + timeout
+    while epoch.is_alive() and time.monotonic() < deadline:
+        epoch.join(timeout=0.6)
+        with contextlib.suppress(Empty):
+            epoch.output_queue.get_nowait()
 
 
 def build_loader(cfg: LoaderConfig, order: str | None = None, batches_ahead: int = 3) -> FfcvTwoViewLoader:

@@ -9,11 +9,13 @@ FFCV compiles its pipeline per Loader (several seconds on 2 cores), so loaders a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv_betons import beton_config, epoch_crops
 from loader_contract import FfcvContract
 
@@ -76,6 +78,20 @@ def test_epochs_reproducible_and_views_differ(byol_loader: FfcvTwoViewLoader) ->
     np.testing.assert_array_equal(labels_first, labels_again)
     assert not np.array_equal(first, other)
     assert (first[:, 0] != first[:, 1]).any(axis=(1, 2, 3)).all()  # the two crops of each image differ
+
+
+def epoch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+
+
+def test_an_epoch_left_early_stops_ffcvs_thread(byol_loader: FfcvTwoViewLoader) -> None:
+    # A run that ends mid-epoch drops its iterator; FFCV's daemon thread decoding ahead must stop with it, or the
+    # process can abort at exit inside that thread's numba loop (seen as exit -6 under load).
+    batches = iter(byol_loader)
+    next(batches)
+    assert len(epoch_threads()) == 1
+    batches.close()
+    assert epoch_threads() == []
 
 
 @pytest.mark.slow
