@@ -176,8 +176,8 @@ def finetune(
     recipe: ViewRecipe = BYOL_VIEWS,
     head: nn.Linear | None = None,
 ) -> tuple[nn.Sequential, int]:
-    """Train `encoder` (in place: pass a copy to keep the original) and a new linear head on `train_set`;
-    return (nn.Sequential(encoder, head), the number of steps taken).
+    """Train `encoder` (in place: pass a copy to keep the original) and a linear head (`head`, or a new one) on
+    `train_set`; return (nn.Sequential(encoder, head), the number of steps taken).
 
     Parameters
     ----------

@@ -103,8 +103,9 @@ def linear_probe(
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    mean, std = standardization(train_x.float())
-    train_x, test_x = ((x.float() - mean) / std for x in (train_x, test_x))
+    train_x, test_x = train_x.float(), test_x.float()
+    mean, std = standardization(train_x)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
     n_val = max(1, round(val_fraction * len(train_x)))
     val, fit = order[:n_val], order[n_val:]
