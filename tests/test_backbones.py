@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from models.backbones import SubsampledPointwiseConv, build_backbone
+from models.backbones import NarrowBatchNorm2d, SubsampledPointwiseConv, build_backbone
 
 
 @pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet50", 2048)])
@@ -72,6 +72,55 @@ def test_strided_shortcut_matches_a_plain_strided_conv_in_values_and_gradients(c
     torch.testing.assert_close(ours(x_ours), reference(x_ref))
     torch.testing.assert_close(x_ours.grad, x_ref.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+
+
+@pytest.mark.parametrize("channels", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_narrow_batch_norm_matches_batch_norm_in_values_gradients_and_running_stats(channels, dtype):
+    torch.manual_seed(0)
+    reference, ours = nn.BatchNorm2d(channels), NarrowBatchNorm2d(channels)
+    with torch.no_grad():
+        for module in (reference, ours):
+            module.weight.copy_(torch.linspace(0.5, 2.0, channels))
+            module.bias.copy_(torch.linspace(-1.0, 1.0, channels))
+    x = (3 * torch.randn(6, channels, 7, 7) + 1).to(dtype)
+    x_ours = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    grad = torch.randn(6, channels, 7, 7).to(dtype)
+    y_ours, y_ref = ours(x_ours), reference(x_ref)
+    y_ours.backward(grad.contiguous(memory_format=torch.channels_last))
+    y_ref.backward(grad)
+    assert y_ours.is_contiguous(memory_format=torch.channels_last)  # the next conv gets the layout it expects
+    tol = {"rtol": 1e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y_ours, y_ref, **tol)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, **tol)
+    for a, b in ((ours.weight.grad, reference.weight.grad), (ours.bias.grad, reference.bias.grad),
+                 (ours.running_mean, reference.running_mean), (ours.running_var, reference.running_var)):
+        torch.testing.assert_close(a, b, **tol)
+    assert ours.num_batches_tracked == reference.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("channels,needs_grad,normalised_channels_last",
+                         [(8, True, False), (8, False, True), (16, True, True)])
+def test_narrow_batch_norm_takes_nchw_only_for_a_narrow_input_that_needs_a_gradient(
+        monkeypatch, channels, needs_grad, normalised_channels_last):
+    layouts = []
+    batch_norm = torch.nn.functional.batch_norm
+
+    def recording_batch_norm(x, *args, **kwargs):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return batch_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", recording_batch_norm)
+    x = torch.randn(4, channels, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_(needs_grad)
+    NarrowBatchNorm2d(channels)(x)
+    assert layouts == [normalised_channels_last]
+
+
+def test_every_batch_norm_of_the_encoder_is_narrow_batch_norm():
+    encoder, _ = build_backbone("resnet18", small_images=True, width=8)
+    norms = [m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20 and all(isinstance(m, NarrowBatchNorm2d) for m in norms)
 
 
 def test_every_strided_shortcut_of_a_narrow_resnet_avoids_the_broken_kernel():
