@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,40 @@ def quickstart_run(tmp_path_factory) -> QuickstartRun:
     return quickstart_smoke(tmp_path_factory.mktemp("quickstart"))
 
 
+# pytest-xdist (`-n 2` in pyproject.toml) sends each group of tests to one worker (`FileGroups`). A test file is
+# one group, so its module fixtures are built once; files that share a costly session fixture are one group, so
+# that fixture is built once, not once per worker.
+SHARED_SESSION_RUNS = {"test_acceptance": "acceptance_quick", "test_benchmark": "acceptance_quick",
+                       "test_quickstart": "quickstart_run", "test_quickstart_configs": "quickstart_run"}
+
+
+def test_group(nodeid: str) -> str:
+    module = Path(nodeid.split("::")[0]).stem
+    return SHARED_SESSION_RUNS.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's loadscope scheduling over `test_group`s, in collection order. (xdist's own loadgroup marks
+    groups by renaming node ids, which pytest 9.2 no longer lets it do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order below: the groups with the most slow tests first
+    return FileGroups(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    # The groups with the most slow tests start first, so that the last group to start is a short one.
+    slow = Counter(test_group(item.nodeid) for item in items if "slow" in item.keywords)
+    first_seen = {}
+    for item in items:
+        first_seen.setdefault(test_group(item.nodeid), len(first_seen))
+    items.sort(key=lambda item: (-slow[test_group(item.nodeid)], first_seen[test_group(item.nodeid)]))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
@@ -76,5 +110,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-# Keep CPU tests deterministic in speed on the 2-core CI machine.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Keep CPU tests deterministic in speed on the 2-core CI machine: the cores shared out over xdist's workers.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))

@@ -3,6 +3,7 @@ memory of real CPU training runs; a run that cannot fit is refused in one line n
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -31,7 +32,10 @@ print("PEAK", code, (kib("VmHWM") - before) * 1024)
 
 def measured_peak(*flags: str) -> int:
     """Bytes a train.py run's resident memory grew by at its peak (VmHWM, read by the kernel)."""
-    result = subprocess.run([sys.executable, "-c", MEASURE, *flags], capture_output=True, text=True, timeout=300)
+    # One intra-op thread: each thread's scratch buffers and malloc arena move the peak by ~20 MB with the
+    # machine's load (seen under pytest-xdist), as much as 64 images' worth of activations at this size.
+    result = subprocess.run([sys.executable, "-c", MEASURE, *flags], capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
     found = re.search(r"^PEAK 0 (\d+)$", result.stdout, re.MULTILINE)
     assert found, result.stdout + result.stderr
     return int(found[1])
@@ -41,14 +45,14 @@ def measured_peak(*flags: str) -> int:
 @pytest.mark.timeout(300)
 def test_the_estimate_matches_the_measured_peak_of_cpu_runs_at_two_batch_sizes(tmp_path):
     peaks, estimates = [], []
-    for batch in (64, 128):
+    for batch in (64, 192):
         flags = (*TINY, "--width", "16", "--res", "32", "--batch-size", str(batch), "--steps", "2",
                  "--out", str(tmp_path / str(batch)))
         peaks.append(measured_peak(*flags))
         estimates.append(memory.estimate(parse_config(list(flags)).resolved(), batch, CPU).total)
     for estimated, peak in zip(estimates, peaks, strict=True):
         assert 0.8 <= estimated / peak <= 1.25, (estimates, peaks)
-    # The part that grows with the batch: 64 more images, estimated against measured.
+    # The part that grows with the batch: 128 more images, estimated against measured.
     assert 0.75 <= (estimates[1] - estimates[0]) / (peaks[1] - peaks[0]) <= 1.33, (estimates, peaks)
 
 
