@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -36,8 +37,11 @@ def train_here(out: Path, *extra: str, run: tuple[str, ...]) -> subprocess.Compl
 
 def train_until_sigterm(out: Path, after_step: int) -> tuple[int, str]:
     """Start a run, send SIGTERM once it has logged `after_step`, return (exit code, stdout)."""
+    # This process's intra-op threads: a deterministic run repeats its numbers only at the same thread count, and
+    # the runs it is compared with run here (`train_here`).
     process = subprocess.Popen([sys.executable, *RUN, "--out", str(out)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())})
     seen = []
     try:
         for line in process.stdout:
