@@ -386,10 +386,10 @@ def check_gpu_tests(ctx: Context, timeout: float) -> CheckResult:
             break
         xml = ctx.logs / f"gpu-tests-{i}.xml"
         xml.unlink(missing_ok=True)
-        # One process, not tests/conftest.py's two xdist workers (each would collect everything again on a CPU; on
-        # a GPU they would share one device and its timings); `-p no:xdist` also runs where xdist is not installed.
-        command = python("-m", "pytest", "-m", selection, "-p", "no:xdist", "-p", "no:cacheprovider",
-                         f"--junitxml={xml}", "tests")
+        # -n 0: one process, not pyproject's two xdist workers (each would collect everything again on a CPU; on
+        # a GPU they would share one device and its timings)
+        command = python("-m", "pytest", "-m", selection, "-n", "0", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                         "tests")
         commands.append(command)
         outcome = run_logged(command, log, left, append=True, beat=ctx.beat)
         if not xml.is_file():

@@ -68,18 +68,8 @@ def quickstart_run(tmp_path_factory) -> QuickstartRun:
     return quickstart_smoke(tmp_path_factory.mktemp("quickstart"))
 
 
-# Two xdist workers unless told otherwise (`-n N`; `-n 0` runs in this process), and none where pytest-xdist is
-# not installed (the GPU machine's kit) or is blocked (`-p no:xdist`): the suite then runs as it always did.
-DEFAULT_WORKERS = 2
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns -n into workers
-def pytest_cmdline_main(config):
-    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", 0) is None:
-        config.option.numprocesses = DEFAULT_WORKERS
-
-
-# pytest-xdist sends each group of tests to one worker (`FileGroups`). A test file is
+# pytest-xdist (`-n 2` in pyproject.toml; `-n 0` runs in one process) sends each group of tests to one worker
+# (`FileGroups`). A test file is
 # one group, so its module fixtures are built once; files that share a costly session fixture are one group, so
 # that fixture is built once, not once per worker.
 SHARED_SESSION_RUNS = {"test_acceptance": "acceptance_quick", "test_benchmark": "acceptance_quick",
