@@ -69,40 +69,37 @@ def quickstart_run(tmp_path_factory) -> QuickstartRun:
 
 
 # pytest-xdist (`-n 2` in pyproject.toml; `-n 0` runs in one process) sends each group of tests to one worker
-# (`FileGroups`). A test file is
-# one group, so its module fixtures are built once; files that share a costly session fixture are one group, so
-# that fixture is built once, not once per worker.
+# (`FileGroups`). A test file is one group, so its module fixtures are built once; files that share a costly
+# session fixture are one group, so that fixture is built once, not once per worker.
 SHARED_SESSION_RUNS = {"test_acceptance": "acceptance_quick", "test_benchmark": "acceptance_quick",
                        "test_quickstart": "quickstart_run", "test_quickstart_configs": "quickstart_run"}
 
 
-def test_group(nodeid: str) -> str:
+def worker_group(nodeid: str) -> str:
     module = Path(nodeid.split("::")[0]).stem
     return SHARED_SESSION_RUNS.get(module, module)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's loadscope scheduling over `test_group`s, in collection order. (xdist's own loadgroup marks
+    """xdist's loadscope scheduling over `worker_group`s, in collection order. (xdist's own loadgroup marks
     groups by renaming node ids, which pytest 9.2 no longer lets it do.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return test_group(nodeid)
+            return worker_group(nodeid)
 
     config.option.loadscopereorder = False  # keep the order below: the groups with the most slow tests first
     return FileGroups(config, log)
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # The groups with the most slow tests start first, so that the last group to start is a short one.
-    slow = Counter(test_group(item.nodeid) for item in items if "slow" in item.keywords)
-    first_seen = {}
-    for item in items:
-        first_seen.setdefault(test_group(item.nodeid), len(first_seen))
-    items.sort(key=lambda item: (-slow[test_group(item.nodeid)], first_seen[test_group(item.nodeid)]))
+    groups = {item.nodeid: worker_group(item.nodeid) for item in items}
+    slow = Counter(groups[item.nodeid] for item in items if "slow" in item.keywords)
+    first_seen = {group: index for index, group in reversed(list(enumerate(groups.values())))}
+    items.sort(key=lambda item: (-slow[groups[item.nodeid]], first_seen[groups[item.nodeid]]))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
