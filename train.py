@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, world: World) -> int:
     labelled = eval_splits(cfg.data, cfg.val_data, cfg.eval_limit, cfg.eval_limit, cfg.workers) \
         if cfg.eval_every or cfg.finetune else None
     if cfg.finetune:
-        draw_subsets(*labelled, parse_fractions(cfg.finetune, "--finetune"), FINETUNE_SETTINGS.seed)
+        draw_subsets(*labelled, parse_fractions(cfg.finetune, "--finetune"), FINETUNE_SETTINGS)
     eval_sets = labelled if cfg.eval_every else None
     log = MetricsLog(out, resume_step=step) if world.is_main else None
     display = Display(total, step, enabled=world.is_main)

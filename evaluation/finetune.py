@@ -9,6 +9,9 @@ fine-tune the encoder with that probe as its head (LP-FT: SGD with Nesterov mome
 cosine lr to 0, random-resized crop and flip as the only augmentation) and score top-1 on the whole
 test split. The same fine-tune from random init of the same network (arch, width, stem), with a new
 head, is the baseline; the probe's own top-1 shows what fine-tuning adds over the frozen features.
+Each start gets its own lr, as in the paper: every candidate lr fine-tunes it on 80% of the subset and
+the one that scores best on the held-out 20% (class-balanced) fine-tunes it on the whole subset; the
+test split is never looked at before the final score.
 Results go to finetune.json beside the subsets.
 `train.py --finetune 1% 10%` runs the same protocol (`run_protocol`) on the backbone a run exports.
 """
@@ -24,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +51,13 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """How each fine-tune runs; the README's table was measured with these defaults (one lr for both starts).
+    """How each fine-tune runs; the README's table was measured with these defaults.
 
     epochs: passes over the subset; None: `default_epochs` (more for smaller subsets).
     batch_size: images per step (a subset smaller than it is one batch).
-    lr: the peak of the cosine schedule (no warmup), for the encoder and the head alike.
+    lr: the peak of one fine-tune's cosine schedule (no warmup), for the encoder and the head alike.
+    lr_choices: the lrs `compare_on_subsets` chooses among for each start, on a held-out share of the subset
+        (`choose_lr`); one value: that lr, no held-out runs.
     momentum: SGD's Nesterov momentum.
     min_scale: the smallest random-resized-crop area fraction.
     seed: draws the subsets, the head's init, the random-init baseline, the crops and the batch order.
@@ -61,11 +66,14 @@ class FinetuneSettings:
     epochs: int | None = None
     batch_size: int = 64
     lr: float = 0.05
+    lr_choices: tuple[float, ...] = (0.01, 0.02, 0.05)
     momentum: float = 0.9
     min_scale: float = 0.25
     seed: int = 0
 
 
+# The share of each class of a subset that scores the candidate lrs (`held_out_split`).
+HELD_OUT_SHARE = 0.2
 # About this many images seen per fine-tune (1% of Fashion-MNIST: 50 epochs of 600), within the bounds.
 DEFAULT_IMAGES_SEEN = 30_000
 MIN_EPOCHS, MAX_EPOCHS = 10, 50
@@ -117,6 +125,25 @@ def draw_subset(labels: torch.Tensor, num_classes: int, fraction: float, seed: i
     return torch.cat(chosen).sort().values
 
 
+def held_out_split(labels: torch.Tensor, num_classes: int, share: float = HELD_OUT_SHARE,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) sorted positions into `labels`: round(share * n) images of each class of n images (at
+    least one) held out at random with `seed`, the rest to fit; ValueError (one line) for a class of one image,
+    which cannot be on both sides."""
+    generator = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for label in range(num_classes):
+        members = (labels == label).nonzero().squeeze(1)
+        if len(members) == 1:
+            raise ValueError(f"class {label} has one labelled image: choosing the fine-tune's lr on held-out "
+                             "images needs at least two of each class; give a larger share or one --lr")
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = max(1, round(share * len(members))) if len(members) else 0
+        held.append(members[:count])
+        fit.append(members[count:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
 def check_disjoint(train_set: EvalSet, test_set: EvalSet) -> None:
     """ValueError if the folder sets share files: a fine-tune scored on its own training images says nothing.
     (The built-in dataset's splits are separate files.)"""
@@ -129,12 +156,21 @@ def check_disjoint(train_set: EvalSet, test_set: EvalSet) -> None:
 
 
 def draw_subsets(train_set: EvalSet, test_set: EvalSet, fractions: Sequence[float],
-                 seed: int = 0) -> dict[str, torch.Tensor]:
-    """Each fraction's `draw_subset` of train_set by `fraction_name`, after `check_disjoint`. Cheap, so a caller
-    can run it before anything trains: its ValueErrors (shared files, a share under one image per class) are
-    the protocol's only refusals that depend on the data."""
+                 settings: FinetuneSettings = FinetuneSettings()) -> dict[str, torch.Tensor]:
+    """Each fraction's `draw_subset` of train_set (with settings.seed) by `fraction_name`, after `check_disjoint`,
+    and with several settings.lr_choices its `held_out_split`. Cheap, so a caller can run it before anything
+    trains: its ValueErrors (shared files, a share under one image per class, a class of one image to hold out
+    from) are the protocol's only refusals that depend on the data."""
     check_disjoint(train_set, test_set)
-    return {fraction_name(f): draw_subset(train_set.labels, train_set.num_classes, f, seed) for f in fractions}
+    subsets = {fraction_name(f): draw_subset(train_set.labels, train_set.num_classes, f, settings.seed)
+               for f in fractions}
+    if len(settings.lr_choices) > 1:
+        for name, indices in subsets.items():
+            try:
+                held_out_split(train_set.labels[indices], train_set.num_classes, seed=settings.seed)
+            except ValueError as err:
+                raise ValueError(f"{name} of the labels: {err}") from None
+    return subsets
 
 
 def random_resized_crop_flip(x: torch.Tensor, res: int, min_scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -234,6 +270,28 @@ def top1(classifier: nn.Module, test_set: EvalSet, device: torch.device, res: in
     return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
+def choose_lr(
+    start_from: nn.Module,
+    head: nn.Linear | None,
+    feature_dim: int,
+    fit_set: EvalSet,
+    held_set: EvalSet,
+    device: torch.device,
+    res: int,
+    settings: FinetuneSettings,
+) -> tuple[float, dict[str, float]]:
+    """(the lr of settings.lr_choices whose fine-tune of `start_from` (with a copy of `head`) on `fit_set` scores
+    best on `held_set`, each lr's held-out top-1 by str(lr)); the smaller lr on a tie. `start_from` and `head`
+    are left as they are."""
+    scores = {}
+    for lr in settings.lr_choices:
+        model, _ = finetune(copy.deepcopy(start_from), feature_dim, fit_set, device, res, replace(settings, lr=lr),
+                            head=copy.deepcopy(head))
+        scores[lr] = top1(model, held_set, device, res)
+    best = max(sorted(scores), key=lambda lr: scores[lr])
+    return best, {str(lr): score for lr, score in scores.items()}
+
+
 def compare_on_subsets(
     encoder: nn.Module,
     info: BackboneInfo,
@@ -247,7 +305,8 @@ def compare_on_subsets(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
     """For each fraction: the pretrained encoder fine-tuned, the same network from random init fine-tuned, and
     a frozen linear probe of the pretrained encoder, all on one class-balanced subset and scored on all of
-    `test_set`. Returns (results by fraction name, the subsets' training-set indices by fraction name).
+    `test_set`; each start's lr is chosen among settings.lr_choices on a held-out share of the subset
+    (`choose_lr`). Returns (results by fraction name, the subsets' training-set indices by fraction name).
 
     Parameters
     ----------
@@ -262,7 +321,7 @@ def compare_on_subsets(
     """
     device = torch.device(device)
     labels = train_set.labels
-    subsets = draw_subsets(train_set, test_set, fractions, settings.seed)
+    subsets = draw_subsets(train_set, test_set, fractions, settings)
     # Fresh modules, so that a cross-replica BN of training or the caller's device placement does not come along.
     pretrained, _ = build_backbone(info.arch, small_images=info.small_images, width=info.width)
     pretrained.load_state_dict(encoder.state_dict())
@@ -279,15 +338,31 @@ def compare_on_subsets(
                              train_set.num_classes)
         # The pretrained encoder starts with the probe as its head (LP-FT, Kumar et al. 2022): a random head's
         # first, large gradients would otherwise reshape the features before the head has learnt to read them.
-        starts = (("finetune_top1", pretrained, probe.classifier), ("random_init_finetune_top1", random_init, None))
+        starts = (("finetune", pretrained, probe.classifier), ("random_init_finetune", random_init, None))
+        # The held-out runs read as many epochs as the final one, whose subset is a quarter larger.
+        fixed = replace(settings, epochs=settings.epochs or default_epochs(len(indices)))
+        if len(settings.lr_choices) > 1:
+            fit, held = held_out_split(labels[indices], train_set.num_classes, seed=settings.seed)
+            fit_set, held_set = subset.subset(fit), subset.subset(held)
+            fit_probe = linear_probe(*extract_features(pretrained, fit_set, device, res),
+                                     *extract_features(pretrained, held_set, device, res), train_set.num_classes)
+            selection_heads = {"finetune": fit_probe.classifier, "random_init_finetune": None}
         for key, start_from, head in starts:
             run_start = time.perf_counter()
-            model, steps = finetune(copy.deepcopy(start_from), info.feature_dim, subset, device, res, settings,
-                                    head=copy.deepcopy(head))
-            scores[key] = top1(model, test_set, device, res)
-            scores[key.replace("top1", "seconds")] = round(time.perf_counter() - run_start, 1)
+            lr, held_out = settings.lr_choices[0], {}
+            if len(settings.lr_choices) > 1:
+                lr, held_out = choose_lr(start_from, selection_heads[key], info.feature_dim, fit_set, held_set,
+                                         device, res, fixed)
+            model, steps = finetune(copy.deepcopy(start_from), info.feature_dim, subset, device, res,
+                                    replace(fixed, lr=lr), head=copy.deepcopy(head))
+            scores |= {f"{key}_top1": top1(model, test_set, device, res), f"{key}_lr": lr,
+                       f"{key}_held_out_top1": held_out,
+                       f"{key}_seconds": round(time.perf_counter() - run_start, 1)}
             log(f"fine-tune {name} ({len(indices):,} labels) from {'random init' if 'random' in key else 'BYOL'}: "
-                f"top-1 {100 * scores[key]:.1f}% ({steps} steps, {scores[key.replace('top1', 'seconds')]:.0f} s)")
+                f"top-1 {100 * scores[f'{key}_top1']:.1f}% (lr {lr:g}"
+                + (f" of {', '.join(map(str, held_out))} by held-out top-1 "
+                   f"{', '.join(f'{100 * v:.1f}%' for v in held_out.values())}" if held_out else "")
+                + f"; {steps} steps, {scores[f'{key}_seconds']:.0f} s)")
         scores |= {"frozen_probe_top1": probe.top1, "frozen_probe_weight_decay": probe.weight_decay,
                    "epochs": settings.epochs or default_epochs(len(indices)), "steps": steps,
                    "seconds": round(time.perf_counter() - start, 1)}
@@ -359,7 +434,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help=f"epochs per fine-tune (default: about {DEFAULT_IMAGES_SEEN:,} "
                         f"images seen, {MIN_EPOCHS} to {MAX_EPOCHS} epochs)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak lr of the cosine schedule")
+    parser.add_argument("--lr", type=float, nargs="+", default=list(defaults.lr_choices),
+                        help="peak lr of the cosine schedule; several: each start takes the one that scores best on "
+                        f"a held-out {100 * HELD_OUT_SHARE:g}%% of the subset (default: "
+                        f"{' '.join(map(str, defaults.lr_choices))})")
     parser.add_argument("--min-scale", type=float, default=defaults.min_scale,
                         help="smallest random-resized-crop area fraction")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="draws the subsets and everything random")
@@ -371,12 +449,13 @@ def checked_settings(args: argparse.Namespace) -> FinetuneSettings:
     for flag, value, ok, meaning in (
             ("--epochs", args.epochs, args.epochs is None or args.epochs >= 1, "at least 1"),
             ("--batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BN needs a batch)"),
-            ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a finite number above 0"),
+            ("--lr", " ".join(map(str, args.lr)), all(math.isfinite(lr) and lr > 0 for lr in args.lr),
+             "finite numbers above 0"),
             ("--min-scale", args.min_scale, 0 < args.min_scale <= 1, "in (0, 1]")):
         if not ok:
             raise ValueError(f"{flag} must be {meaning}, got {value}")
-    return FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_scale=args.min_scale,
-                            seed=args.seed)
+    return FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, lr_choices=tuple(args.lr),
+                            min_scale=args.min_scale, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,8 @@ def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypat
     encoder, info = ft.load_backbone(tmp_path / "backbone.pt")
     test_set = tiny_set(8, side=16)
     results, _ = ft.compare_on_subsets(encoder, info, tiny_set(side=16), test_set, [0.5], "cpu", 16,
-                                       ft.FinetuneSettings(epochs=1, batch_size=4), log=lambda line: None)
+                                       ft.FinetuneSettings(epochs=1, batch_size=4, lr_choices=(0.05,)),
+                                       log=lambda line: None)
     (pretrained, probe_head), (random_init, new_head) = started_from
     # Both start from the saved file's tensors' names and shapes (arch, width and stem); only the values differ.
     for state in (pretrained, random_init):
@@ -123,6 +124,64 @@ def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypat
     assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())  # the caller's encoder is kept
     assert set(results["50%"]) >= {"labels", "finetune_top1", "random_init_finetune_top1", "frozen_probe_top1",
                                    "epochs", "seconds"}
+
+
+def test_the_held_out_split_is_class_balanced_disjoint_and_deterministic():
+    fit, held = ft.held_out_split(LABELS, 3, share=0.2, seed=0)
+    # round(0.2 * n) of each class of n (50, 45, 5 images): 10, 9 and 1; the rest to fit.
+    assert Counter(LABELS[held].tolist()) == {0: 10, 1: 9, 2: 1}
+    assert Counter(LABELS[fit].tolist()) == {0: 40, 1: 36, 2: 4}
+    assert sorted(fit.tolist() + held.tolist()) == list(range(len(LABELS)))
+    assert all(torch.equal(a, b) for a, b in zip((fit, held), ft.held_out_split(LABELS, 3, share=0.2, seed=0), strict=True))
+    assert not torch.equal(held, ft.held_out_split(LABELS, 3, share=0.2, seed=1)[1])
+    with pytest.raises(ValueError, match="^class 1 has one labelled image: .* give a larger share or one --lr$"):
+        ft.held_out_split(torch.tensor([0, 0, 1]), 2)
+
+
+def test_a_class_of_one_image_to_hold_out_from_is_refused_before_anything_trains():
+    train, test = tiny_set(4), tiny_set(4)
+    with pytest.raises(ValueError, match="^50% of the labels: class 0 has one labelled image"):
+        ft.draw_subsets(train, test, [0.5])  # one image of each class in the subset
+    assert list(ft.draw_subsets(train, test, [0.5], ft.FinetuneSettings(lr_choices=(0.05,)))) == ["50%"]
+
+
+def test_the_lr_that_scores_best_on_held_out_images_is_chosen():
+    torch.manual_seed(0)
+    encoder, dim = build_backbone("resnet18", small_images=True, width=2)
+    # Too small to move the random head off chance, one that learns the two classes, one that diverges.
+    settings = ft.FinetuneSettings(epochs=10, batch_size=8, lr_choices=(1e-7, 0.05, 100.0))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    lr, held_out = ft.choose_lr(encoder, None, dim, tiny_set(), tiny_set(8, side=8), torch.device("cpu"), 8, settings)
+    assert lr == 0.05 and held_out["0.05"] == 1.0 and max(held_out["1e-07"], held_out["100.0"]) < 1.0
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())  # the start is left as it was
+
+
+def test_each_start_is_fine_tuned_on_the_whole_subset_with_the_lr_chosen_on_held_out_images(tmp_path, monkeypatch):
+    trained, _ = build_backbone("resnet18", small_images=True, width=2)
+    save_backbone(tmp_path / "backbone.pt", trained, arch="resnet18", width=2, small_images=True, res=8)
+    encoder, info = ft.load_backbone(tmp_path / "backbone.pt")
+    chosen = {"pretrained": 0.03, "random": 0.07}
+    choices, final_runs = [], []
+
+    def fake_choose_lr(start_from, head, feature_dim, fit_set, held_set, device, res, settings):
+        choices.append((len(fit_set), len(held_set), head is not None, settings.epochs))
+        return chosen["pretrained" if head is not None else "random"], {"0.03": 0.5, "0.07": 0.5}
+
+    def recording_finetune(encoder, feature_dim, train_set, *args, **kwargs):
+        final_runs.append((len(train_set), args[2].lr))
+        return real_finetune(encoder, feature_dim, train_set, *args, **kwargs)
+
+    real_finetune = ft.finetune
+    monkeypatch.setattr(ft, "choose_lr", fake_choose_lr)
+    monkeypatch.setattr(ft, "finetune", recording_finetune)
+    results, subsets = ft.compare_on_subsets(encoder, info, tiny_set(20), tiny_set(8), [0.5], "cpu", 8,
+                                             ft.FinetuneSettings(batch_size=4), log=lambda line: None)
+    # 10 labels, 5 of each class: 1 of each held out, 8 to fit; the pretrained start's selection head is a probe.
+    assert choices == [(8, 2, True, 50), (8, 2, False, 50)]
+    assert final_runs == [(10, 0.03), (10, 0.07)]  # the whole subset, each with its own chosen lr
+    record = results["50%"]
+    assert record["finetune_lr"] == 0.03 and record["random_init_finetune_lr"] == 0.07
+    assert record["finetune_held_out_top1"] == {"0.03": 0.5, "0.07": 0.5}
 
 
 def error_line(capsys, argv: list[str]) -> str:

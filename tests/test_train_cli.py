@@ -18,7 +18,7 @@ from train_runs import TINY, run_train, run_train_here
 import runtime.preflight
 import train
 from config import TrainConfig, parse_config
-from evaluation.finetune import default_epochs
+from evaluation.finetune import FinetuneSettings, default_epochs
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 
 NO_GPUS_FLAG = TINY[:2] + TINY[4:]  # TINY without "--gpus 0"
@@ -117,6 +117,10 @@ def test_finetune_after_training_adds_its_figures_to_eval_json(tmp_path, capsys)
     assert tuned["labels"] == 50 and tuned["per_class"] == [5] * 10 and tuned["epochs"] == default_epochs(50)
     assert all(0 <= tuned[k] <= 1 for k in ("finetune_top1", "random_init_finetune_top1", "frozen_probe_top1"))
     assert tuned["seconds"] > 0
+    # Each start's lr was chosen among the defaults on held-out images (`evaluation.finetune.choose_lr`).
+    for start in ("finetune", "random_init_finetune"):
+        assert tuned[f"{start}_lr"] in FinetuneSettings().lr_choices
+        assert set(tuned[f"{start}_held_out_top1"]) == {str(lr) for lr in FinetuneSettings().lr_choices}
     # finetune.json is the module's, run on the backbone the run exported, on the --eval-limit splits.
     written = json.loads((tmp_path / "finetune.json").read_text())
     assert written["results"] == scores["finetune"] and written["checkpoint"] == str(tmp_path / "backbone.pt")
