@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -358,6 +359,16 @@ def check_throughput(ctx: Context, timeout: float) -> CheckResult:
 # gpu-tests: every CUDA path first (`gpu and not slow`), the slow ones only while time is left
 # ---------------------------------------------------------------------------------------------------------
 
+def one_process_pytest(pyproject: Path = REPO / "pyproject.toml") -> tuple[str, ...]:
+    """pytest options for one process whether or not pytest-xdist is installed (the GPU machine's kit has no
+    xdist): xdist blocked and pyproject's addopts without its `-n N`. One process, not two workers: each would
+    collect everything again on a CPU, and on a GPU they would share one device and its timings."""
+    words = tomllib.loads(pyproject.read_text())["tool"]["pytest"]["ini_options"]["addopts"].split()
+    kept = [w for i, w in enumerate(words) if w != "-n" and (i == 0 or words[i - 1] != "-n")]
+    return "-p", "no:xdist", "-o", "addopts=" + " ".join(kept)
+
+
+ONE_PROCESS_PYTEST = one_process_pytest()
 SLOW_GPU_TESTS_S = 60.0  # two processes on one GPU and the like: started only with this much left
 
 
@@ -386,10 +397,8 @@ def check_gpu_tests(ctx: Context, timeout: float) -> CheckResult:
             break
         xml = ctx.logs / f"gpu-tests-{i}.xml"
         xml.unlink(missing_ok=True)
-        # -n 0: one process, not pyproject's two xdist workers (each would collect everything again on a CPU; on
-        # a GPU they would share one device and its timings)
-        command = python("-m", "pytest", "-m", selection, "-n", "0", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                         "tests")
+        command = python("-m", "pytest", "-m", selection, *ONE_PROCESS_PYTEST, "-p", "no:cacheprovider",
+                         f"--junitxml={xml}", "tests")
         commands.append(command)
         outcome = run_logged(command, log, left, append=True, beat=ctx.beat)
         if not xml.is_file():

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import benchmark.checks as checks
 from benchmark.checks import goal_notes, junit_counts, run_logged, run_metrics
 from benchmark.progress import Heartbeat
 
@@ -79,3 +81,16 @@ def test_goal_notes_judge_the_recipe_not_the_machine() -> None:
     assert goal_notes({"linear_top1": 0.92, "random_init_linear_top1": 0.85}) == []
     below = goal_notes({"linear_top1": 0.88, "random_init_linear_top1": 0.85})
     assert len(below) == 2 and "below the 91% goal" in below[0] and "above random init" in below[1]
+
+
+def test_the_gpu_tests_check_runs_pytest_in_one_process_with_or_without_xdist(tmp_path) -> None:
+    options = checks.one_process_pytest()
+    assert options[:2] == ("-p", "no:xdist") and options[2] == "-o" and "-n" not in options[3].split()
+    assert "--strict-markers" in options[3]  # the rest of pyproject's addopts is kept
+    (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\naddopts = "-ra -n 4 --strict-markers"\n')
+    assert checks.one_process_pytest(tmp_path / "pyproject.toml")[3] == "addopts=-ra --strict-markers"
+    # xdist blocked as on a machine without it: pyproject's `-n 2` alone is a usage error, these options run.
+    blocked = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "tests/test_checks.py", "-k", "junit_counts"]
+    assert subprocess.run(blocked, cwd=checks.REPO, capture_output=True).returncode == 4
+    result = subprocess.run([*blocked[:3], *options, *blocked[5:]], cwd=checks.REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
