@@ -368,7 +368,6 @@ def one_process_pytest(pyproject: Path = REPO / "pyproject.toml") -> tuple[str, 
     return "-p", "no:xdist", "-o", "addopts=" + " ".join(kept)
 
 
-ONE_PROCESS_PYTEST = one_process_pytest()
 SLOW_GPU_TESTS_S = 60.0  # two processes on one GPU and the like: started only with this much left
 
 
@@ -386,6 +385,7 @@ def check_gpu_tests(ctx: Context, timeout: float) -> CheckResult:
     deadline = time.monotonic() + timeout
     # Without CUDA every gpu test skips: one pytest run collects them all (their modules import) and skips them.
     selections = ["gpu and not slow", "gpu and slow"] if ctx.cuda else ["gpu"]
+    one_process = one_process_pytest()
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "passed": 0}
     commands, problems, notes = [], [], []
     log = ctx.logs / "gpu-tests.log"
@@ -397,7 +397,7 @@ def check_gpu_tests(ctx: Context, timeout: float) -> CheckResult:
             break
         xml = ctx.logs / f"gpu-tests-{i}.xml"
         xml.unlink(missing_ok=True)
-        command = python("-m", "pytest", "-m", selection, *ONE_PROCESS_PYTEST, "-p", "no:cacheprovider",
+        command = python("-m", "pytest", "-m", selection, *one_process, "-p", "no:cacheprovider",
                          f"--junitxml={xml}", "tests")
         commands.append(command)
         outcome = run_logged(command, log, left, append=True, beat=ctx.beat)

@@ -117,12 +117,14 @@ def draw_subset(labels: torch.Tensor, num_classes: int, fraction: float, seed: i
         raise ValueError(f"{fraction_name(fraction)} of {len(labels):,} labelled training images is fewer than one "
                          f"per class for {num_classes} classes: give at least "
                          f"{fraction_name(math.ceil(100 * num_classes / len(labels)) / 100)}")
+    return torch.cat([members[:per_class] for members in shuffled_classes(labels, num_classes, seed)]).sort().values
+
+
+def shuffled_classes(labels: torch.Tensor, num_classes: int, seed: int) -> list[torch.Tensor]:
+    """Each class's positions in `labels`, in an order drawn with `seed` (one generator, classes in turn)."""
     generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for label in range(num_classes):
-        members = (labels == label).nonzero().squeeze(1)
-        chosen.append(members[torch.randperm(len(members), generator=generator)][:per_class])
-    return torch.cat(chosen).sort().values
+    return [members[torch.randperm(len(members), generator=generator)]
+            for members in ((labels == label).nonzero().squeeze(1) for label in range(num_classes))]
 
 
 def held_out_split(labels: torch.Tensor, num_classes: int, share: float = HELD_OUT_SHARE,
@@ -130,14 +132,11 @@ def held_out_split(labels: torch.Tensor, num_classes: int, share: float = HELD_O
     """(fit, held-out) sorted positions into `labels`: round(share * n) images of each class of n images (at
     least one) held out at random with `seed`, the rest to fit; ValueError (one line) for a class of one image,
     which cannot be on both sides."""
-    generator = torch.Generator().manual_seed(seed)
     fit, held = [], []
-    for label in range(num_classes):
-        members = (labels == label).nonzero().squeeze(1)
+    for label, members in enumerate(shuffled_classes(labels, num_classes, seed)):
         if len(members) == 1:
             raise ValueError(f"class {label} has one labelled image: choosing the fine-tune's lr on held-out "
                              "images needs at least two of each class; give a larger share or one --lr")
-        members = members[torch.randperm(len(members), generator=generator)]
         count = max(1, round(share * len(members))) if len(members) else 0
         held.append(members[:count])
         fit.append(members[count:])
@@ -338,20 +337,22 @@ def compare_on_subsets(
                              train_set.num_classes)
         # The pretrained encoder starts with the probe as its head (LP-FT, Kumar et al. 2022): a random head's
         # first, large gradients would otherwise reshape the features before the head has learnt to read them.
-        starts = (("finetune", pretrained, probe.classifier), ("random_init_finetune", random_init, None))
         # The held-out runs read as many epochs as the final one, whose subset is a quarter larger.
         fixed = replace(settings, epochs=settings.epochs or default_epochs(len(indices)))
-        if len(settings.lr_choices) > 1:
+        choosing = len(settings.lr_choices) > 1
+        if choosing:  # the pretrained start's selection runs start from a probe of the fit share alone
             fit, held = held_out_split(labels[indices], train_set.num_classes, seed=settings.seed)
             fit_set, held_set = subset.subset(fit), subset.subset(held)
             fit_probe = linear_probe(*extract_features(pretrained, fit_set, device, res),
                                      *extract_features(pretrained, held_set, device, res), train_set.num_classes)
-            selection_heads = {"finetune": fit_probe.classifier, "random_init_finetune": None}
-        for key, start_from, head in starts:
+        # (key, start, its head for the final run, its head for the selection runs)
+        starts = (("finetune", pretrained, probe.classifier, fit_probe.classifier if choosing else None),
+                  ("random_init_finetune", random_init, None, None))
+        for key, start_from, head, selection_head in starts:
             run_start = time.perf_counter()
             lr, held_out = settings.lr_choices[0], {}
-            if len(settings.lr_choices) > 1:
-                lr, held_out = choose_lr(start_from, selection_heads[key], info.feature_dim, fit_set, held_set,
+            if choosing:
+                lr, held_out = choose_lr(start_from, selection_head, info.feature_dim, fit_set, held_set,
                                          device, res, fixed)
             model, steps = finetune(copy.deepcopy(start_from), info.feature_dim, subset, device, res,
                                     replace(fixed, lr=lr), head=copy.deepcopy(head))
@@ -364,7 +365,7 @@ def compare_on_subsets(
                    f"{', '.join(f'{100 * v:.1f}%' for v in held_out.values())}" if held_out else "")
                 + f"; {steps} steps, {scores[f'{key}_seconds']:.0f} s)")
         scores |= {"frozen_probe_top1": probe.top1, "frozen_probe_weight_decay": probe.weight_decay,
-                   "epochs": settings.epochs or default_epochs(len(indices)), "steps": steps,
+                   "epochs": fixed.epochs, "steps": steps,
                    "seconds": round(time.perf_counter() - start, 1)}
         results[name] = scores
     return results, {name: indices.tolist() for name, indices in subsets.items()}
