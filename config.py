@@ -56,11 +56,15 @@ BASE_LR_BY_EPOCHS = ((1000, 0.2), (300, 0.3), (0, 0.45))
 WEIGHT_DECAY_BY_EPOCHS = ((1000, 1.5e-6), (0, 1e-6))
 TAU_BY_EPOCHS = ((1000, 0.996), (41, 0.99), (0, 0.97))
 # Small images (--res <= 64) take solo-learn's CIFAR BYOL recipe where it differs from ImageNet's, except the
-# 1-D group's lr (a quarter of the lr) and a 4x weight decay: measured on the quickstart (docs/recipe.md).
-SMALL_IMAGE_RECIPE = {"base_lr": 1.0, "weight_decay": 4e-5, "eta": 0.02, "tau_base": 0.99, "lr_1d_scale": 0.25}
+# 1-D group's lr (a quarter of the lr), a 4x weight decay and residual blocks that start as their shortcuts:
+# measured on the quickstart (docs/recipe.md).
+SMALL_IMAGE_RECIPE = {"base_lr": 1.0, "weight_decay": 4e-5, "eta": 0.02, "tau_base": 0.99, "lr_1d_scale": 0.25,
+                      "zero_init_residual": True}
 ETA = 1e-3
 # The official code steps biases and norm weights at the full lr.
 LR_1D_SCALE = 1.0
+# torchvision's initialisation (the official code zero-inits bottleneck blocks only; not measured here on GPUs).
+ZERO_INIT_RESIDUAL = False
 # The view size of data other than the built-in dataset (whose own size is IMAGE_SIDE), and the encoders.
 DEFAULT_RES, SMALL_IMAGE_ARCH, ARCH = 224, "resnet18", "resnet50"
 
@@ -154,6 +158,10 @@ class TrainConfig:
     tau_base: float | None = option(None, f"target EMA base ({_recipe_help('tau_base', TAU_BY_EPOCHS)})",
                                     bound=Bound(lambda v: 0 <= v <= 1, "in [0, 1] (the target's EMA weight on its own "
                                                 "past)"), on_resume=FIXED)
+    zero_init_residual: bool | None = option(None, "start each residual block's last batch-norm scale at 0, so every "
+                                             "block begins as its shortcut (default: on for small images, measured "
+                                             "in docs/recipe.md; else off, torchvision's initialisation)",
+                                             on_resume=FIXED)
     hidden_dim: int = option(4096, "projector/predictor hidden width", bound=AT_LEAST_1, on_resume=REFUSED)
     proj_dim: int = option(256, "projection size", bound=AT_LEAST_1, on_resume=REFUSED)
     bn_per_view: bool = option(True, "BN statistics per view (official); --no-bn-per-view concatenates views",
@@ -204,6 +212,7 @@ class TrainConfig:
         recipe = {"res": res, "small_images": small, "blur": not small, "arch": SMALL_IMAGE_ARCH if small else ARCH}
         recipe |= SMALL_IMAGE_RECIPE if small else {
             "base_lr": by_epochs(BASE_LR_BY_EPOCHS, self.epochs), "eta": ETA, "lr_1d_scale": LR_1D_SCALE,
+            "zero_init_residual": ZERO_INIT_RESIDUAL,
             "weight_decay": by_epochs(WEIGHT_DECAY_BY_EPOCHS, self.epochs),
             "tau_base": by_epochs(TAU_BY_EPOCHS, self.epochs)}
         if self.device is not None and self.gpus is not None and (self.device == "cpu") != (self.gpus == 0):

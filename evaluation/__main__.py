@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from evaluation import ArraySet, eval_splits, evaluate_encoder, linear_probe, pixel_features
-from models.backbones import ARCHS, SMALL_IMAGE_MAX_RES, build_backbone
+from models.backbones import ARCHS, SMALL_IMAGE_MAX_RES
 from models.export import BackboneInfo, load_backbone
 
 # Without --checkpoint (random init only): the built-in dataset's size and the quickstart's encoder.
@@ -44,7 +44,7 @@ def load_encoder(path: str, arch: str | None = None, width: int | None = None) -
 def random_init(info: BackboneInfo, seed: int = 0) -> nn.Module:
     """The same network as `info` describes, at a seeded random initialisation: the baseline to beat."""
     torch.manual_seed(seed)
-    return build_backbone(info.arch, small_images=info.small_images, width=info.width)[0]
+    return info.new_encoder()
 
 
 def res_warning(path: str, info: BackboneInfo, res: int) -> str | None:

@@ -39,7 +39,6 @@ from evaluation.data import CENTER_CROP_FRACTION, ArraySet, EvalSet, FolderSet, 
 from evaluation.features import extract_features, prepare
 from evaluation.linear_probe import linear_probe
 from foundation.atomic_files import atomic_write
-from models.backbones import build_backbone
 from models.export import BackboneInfo, load_backbone
 from models.step import AUTOCAST_DTYPES, step_precision
 from optim.schedules import lr_at
@@ -322,11 +321,11 @@ def compare_on_subsets(
     labels = train_set.labels
     subsets = draw_subsets(train_set, test_set, fractions, settings)
     # Fresh modules, so that a cross-replica BN of training or the caller's device placement does not come along.
-    pretrained, _ = build_backbone(info.arch, small_images=info.small_images, width=info.width)
+    pretrained = info.new_encoder()
     pretrained.load_state_dict(encoder.state_dict())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        random_init, _ = build_backbone(info.arch, small_images=info.small_images, width=info.width)
+        random_init = info.new_encoder()
     test_features = extract_features(pretrained.to(device, memory_format=torch.channels_last), test_set, device, res)
     results: dict[str, dict[str, Any]] = {}
     for name, indices in subsets.items():

@@ -68,11 +68,13 @@ class ScaledResNet(tvm.ResNet):
     ----------
     block, layers: torchvision's block class and blocks per stage (a value of ARCHS).
     width: the stem's output channels (64: torchvision's net); the stages have 1x, 2x, 4x, 8x of it.
+    zero_init_residual: each residual block's last batch norm starts at scale 0 (`build_backbone`).
     """
 
-    def __init__(self, block: type[nn.Module], layers: list[int], width: int = DEFAULT_WIDTH) -> None:
+    def __init__(self, block: type[nn.Module], layers: list[int], width: int = DEFAULT_WIDTH,
+                 zero_init_residual: bool = False) -> None:
         self.width = width  # read by _make_layer, which the parent's __init__ calls
-        super().__init__(block, layers, norm_layer=NarrowBatchNorm2d)
+        super().__init__(block, layers, zero_init_residual=zero_init_residual, norm_layer=NarrowBatchNorm2d)
         if width != DEFAULT_WIDTH:
             self.conv1 = _kaiming(nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False))
             self.bn1 = NarrowBatchNorm2d(width)
@@ -98,7 +100,8 @@ def feature_dim(arch: str, width: int = DEFAULT_WIDTH) -> int:
     return 8 * width * ARCHS[arch][0].expansion
 
 
-def build_backbone(arch: str, small_images: bool = False, width: int = DEFAULT_WIDTH) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, small_images: bool = False, width: int = DEFAULT_WIDTH,
+                   zero_init_residual: bool = False) -> tuple[nn.Module, int]:
     """Return (encoder, feature_dim). The encoder maps (B, 3, H, W) to (B, feature_dim).
 
     Parameter names match torchvision's, so at the default width `encoder.state_dict()` loads into
@@ -112,13 +115,16 @@ def build_backbone(arch: str, small_images: bool = False, width: int = DEFAULT_W
         SMALL_IMAGE_MAX_RES px; False keeps ImageNet's 7x7 stride-2 conv and max-pool.
     width: the stem's output channels (torchvision's 64); the stages are 1x, 2x, 4x, 8x of it, so
         feature_dim is 8 * width (resnet18/34) or 32 * width (resnet50).
+    zero_init_residual: start each residual block's last batch-norm scale at 0, so that every block begins as
+        its shortcut (torchvision's option; Goyal et al. 2017). The official BYOL code does it in bottleneck
+        blocks; the small-image recipe does it in the quickstart's basic blocks (measured in docs/recipe.md).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if width < 1:
         raise ValueError(f"--width must be at least 1, got {width}")
     block, layers = ARCHS[arch]
-    net = ScaledResNet(block, layers, width=width)
+    net = ScaledResNet(block, layers, width=width, zero_init_residual=zero_init_residual)
     net.fc = nn.Identity()
     if small_images:
         net.conv1 = _kaiming(nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False))

@@ -4,7 +4,8 @@
     encoder, info = load_backbone(path)     # built with build_backbone, weights loaded strictly
 
 The file is `torch.save` of {"format": FORMAT, "version": VERSION, "arch", "width", "small_images", "res",
-"feature_dim", "state_dict"}: plain values and tensors, read with `weights_only=True`. Older exports were a bare
+"feature_dim", "zero_init_residual", "state_dict"}: plain values and tensors, read with `weights_only=True` (a file
+written before "zero_init_residual" reads as False: the initialisation every run used then). Older exports were a bare
 state_dict; they still load, with arch, width and stem read from the tensors' shapes and `res` unknown (None).
 A file that is not a backbone is one ValueError line saying what it is instead.
 """
@@ -38,9 +39,11 @@ ADVICE = "give the backbone.pt a run exported"
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """What an exported backbone is: enough to rebuild it with `build_backbone(arch, small_images, width)`.
+    """What an exported backbone is: enough to rebuild it (`new_encoder`), and to draw the same network at random
+    init as the baseline its training must beat.
 
     res: the view size it was trained at (None for exports older than this metadata).
+    zero_init_residual: how its training run initialised the residual blocks (`build_backbone`).
     """
 
     arch: str
@@ -48,11 +51,17 @@ class BackboneInfo:
     small_images: bool
     res: int | None
     feature_dim: int
+    zero_init_residual: bool = False
 
     @classmethod
-    def of(cls, arch: str, width: int, small_images: bool, res: int | None) -> BackboneInfo:
-        """The info of a `build_backbone(arch, small_images, width)` encoder trained at `res`."""
-        return cls(arch, width, small_images, res, feature_dim(arch, width))
+    def of(cls, arch: str, width: int, small_images: bool, res: int | None,
+           zero_init_residual: bool = False) -> BackboneInfo:
+        """The info of a `build_backbone(arch, small_images, width, zero_init_residual)` encoder trained at `res`."""
+        return cls(arch, width, small_images, res, feature_dim(arch, width), zero_init_residual)
+
+    def new_encoder(self) -> nn.Module:
+        """This network at a fresh initialisation, drawn from torch's global generator (seed it first)."""
+        return build_backbone(self.arch, self.small_images, self.width, self.zero_init_residual)[0]
 
     @property
     def is_torchvision_state_dict(self) -> bool:
@@ -70,9 +79,9 @@ class BackboneInfo:
 
 
 def save_backbone(path: str | Path, encoder: nn.Module, *, arch: str, width: int, small_images: bool,
-                  res: int) -> None:
+                  res: int, zero_init_residual: bool = False) -> None:
     """Write `encoder`'s weights (on the CPU) and its rebuild metadata to `path`, atomically."""
-    info = BackboneInfo.of(arch, width, small_images, res)
+    info = BackboneInfo.of(arch, width, small_images, res, zero_init_residual)
     state = {"format": FORMAT, "version": VERSION, **asdict(info),
              "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
     buffer = io.BytesIO()
@@ -89,11 +98,11 @@ def load_backbone(path: str | Path, map_location: torch.device | str = "cpu") ->
                              f"code's {VERSION}; update fastbyol")
         state = content["state_dict"]
         info = BackboneInfo(content["arch"], content["width"], content["small_images"], content["res"],
-                            content["feature_dim"])
+                            content["feature_dim"], content.get("zero_init_residual", False))
     else:
         state = _bare_state_dict(path, content)
         info = _inferred_info(path, state)
-    encoder, _ = build_backbone(info.arch, small_images=info.small_images, width=info.width)
+    encoder = info.new_encoder()
     try:
         encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
     except RuntimeError as err:  # missing, unexpected or differently shaped tensors

@@ -101,8 +101,9 @@ def describe_run(cfg: TrainConfig, world: World, data: str, step: int, total_ste
 
 
 def build_encoder(cfg: TrainConfig) -> tuple[torch.nn.Module, int]:
-    """The --arch encoder at --width with the stem --small-images picks, and its feature size."""
-    return build_backbone(cfg.arch, small_images=bool(cfg.small_images), width=cfg.width)
+    """The --arch encoder at --width with the stem --small-images picks and --zero-init-residual's blocks, and its
+    feature size."""
+    return build_backbone(cfg.arch, bool(cfg.small_images), cfg.width, bool(cfg.zero_init_residual))
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> BYOL:

@@ -123,6 +123,32 @@ def test_every_batch_norm_of_the_encoder_is_narrow_batch_norm():
     assert len(norms) == 20 and all(isinstance(m, NarrowBatchNorm2d) for m in norms)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_zero_init_residual_starts_every_block_as_its_shortcut_from_the_same_draws(arch):
+    torch.manual_seed(0)
+    plain, _ = build_backbone(arch, small_images=True, width=8)
+    torch.manual_seed(0)
+    zeroed, _ = build_backbone(arch, small_images=True, width=8, zero_init_residual=True)
+    blocks = [m for m in zeroed.modules() if isinstance(m, (torchvision.models.resnet.BasicBlock,
+                                                             torchvision.models.resnet.Bottleneck))]
+    assert len(blocks) == (8 if arch == "resnet18" else 16)
+    # Only the blocks' last batch-norm scales differ from the default build: the rest are the same random draws.
+    last_norms = {f"{name}.weight" for name, m in zeroed.named_modules()
+                  if name.endswith(".bn3" if arch == "resnet50" else ".bn2")}
+    assert len(last_norms) == len(blocks)
+    for (name, a), b in zip(zeroed.state_dict().items(), plain.state_dict().values(), strict=True):
+        if name in last_norms:
+            assert torch.count_nonzero(a) == 0 and torch.all(b == 1)
+        else:
+            assert torch.equal(a, b), name
+    x = zeroed.relu(zeroed.bn1(zeroed.conv1(torch.randn(4, 3, 16, 16))))
+    for block in blocks:
+        shortcut = x if block.downsample is None else block.downsample(x)
+        # By hand: the residual branch's last BN outputs its bias (0), so the block is relu(shortcut).
+        x, expected = block(x), torch.relu(shortcut)
+        torch.testing.assert_close(x, expected)
+
+
 def test_every_strided_shortcut_of_a_narrow_resnet_avoids_the_broken_kernel():
     encoder, _ = build_backbone("resnet18", small_images=True, width=4)
     shortcuts = [m for m in encoder.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]

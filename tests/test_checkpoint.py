@@ -106,10 +106,11 @@ def test_rng_state_restores_every_generator():
 def test_export_backbone_writes_the_runs_encoder_with_the_runs_form(tmp_path):
     torch.manual_seed(0)
     encoder, _ = build_backbone("resnet34", small_images=True, width=4)
-    config = {"arch": "resnet34", "width": 4, "small_images": True, "res": 32, "batch_size": 8}
+    config = {"arch": "resnet34", "width": 4, "small_images": True, "res": 32, "batch_size": 8,
+              "zero_init_residual": True}
     info = export_backbone(tmp_path / "backbone.pt", encoder, config)
     loaded, read = load_backbone(tmp_path / "backbone.pt")
-    assert info == read == BackboneInfo("resnet34", 4, True, 32, 32)
+    assert info == read == BackboneInfo("resnet34", 4, True, 32, 32, zero_init_residual=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values(),
                                                  strict=True))
 

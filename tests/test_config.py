@@ -22,11 +22,14 @@ def test_config_defaults_follow_the_recipe():
     assert (short.base_lr, short.weight_decay, short.tau_base, short.eta) == (0.45, 1e-6, 0.97, 1e-3)
     assert short.small_images is False and short.blur is True
     assert short.lr_1d_scale == 1.0  # the official code's: biases and norm weights at the full lr
+    assert short.zero_init_residual is False  # torchvision's initialisation
     # Small images take solo-learn's CIFAR recipe (no blur, lr 1.0, eta 0.02, tau 0.99) with the quickstart's
     # measured 1-D lr scale 0.25 and weight decay 4e-5 (docs/recipe.md).
     small = TrainConfig(epochs=40, res=28).resolved()
     assert (small.base_lr, small.weight_decay, small.tau_base, small.eta) == (1.0, 4e-5, 0.99, 0.02)
     assert small.lr_1d_scale == 0.25
+    assert small.zero_init_residual is True  # measured on the quickstart's seeds (docs/recipe.md)
+    assert TrainConfig(res=28, zero_init_residual=False).resolved().zero_init_residual is False
     assert small.small_images is True and small.blur is False
     # Each stays overridable, and an explicit --no-small-images gives the ImageNet recipe at any size.
     assert TrainConfig(res=28, blur=True, eta=0.01).resolved().blur is True
@@ -152,7 +155,7 @@ def test_resume_rules_live_in_the_options():
     assert sorted(options_on_resume(FIXED)) == ["base_lr", "batch_size", "blur", "bn_per_view", "data", "epochs",
                                                 "eta", "in_memory", "jitter", "loader", "lr_1d_scale", "min_scale",
                                                 "momentum", "res", "seed", "steps", "tau_base", "warmup_epochs",
-                                                "weight_decay"]
+                                                "weight_decay", "zero_init_residual"]
     # ...and where and how fast the run goes, and how often it logs, changes without a note.
     assert sorted(options_on_resume(QUIET)) == ["compile", "device", "gpus", "log_every", "out", "processes",
                                                 "resume", "time_limit", "workers"]

@@ -91,10 +91,12 @@ def test_the_fine_tune_updates_the_encoder_and_the_head():
     assert ft.top1(model, tiny_set(), torch.device("cpu"), res=8) == 1.0
 
 
-@pytest.mark.parametrize(("small_images", "width"), [(True, 4), (False, 2)])
-def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypatch, small_images, width):
+@pytest.mark.parametrize(("small_images", "width", "zero_init_residual"), [(True, 4, True), (False, 2, False)])
+def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypatch, small_images, width,
+                                                             zero_init_residual):
     trained, _ = build_backbone("resnet18", small_images=small_images, width=width)
-    save_backbone(tmp_path / "backbone.pt", trained, arch="resnet18", width=width, small_images=small_images, res=16)
+    save_backbone(tmp_path / "backbone.pt", trained, arch="resnet18", width=width, small_images=small_images, res=16,
+                  zero_init_residual=zero_init_residual)
     saved = torch.load(tmp_path / "backbone.pt", weights_only=True)["state_dict"]
     started_from = []
 
@@ -115,6 +117,11 @@ def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypat
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in saved.items()}
     assert all(torch.equal(v, saved[k]) for k, v in pretrained.items())  # the saved network as it is
     assert not torch.equal(random_init["conv1.weight"], saved["conv1.weight"])
+    # ...initialised as the pretraining run initialised it: residual blocks that start as their shortcuts or not.
+    last_norm_scales = [v for k, v in random_init.items() if k.endswith(".bn2.weight")]
+    assert len(last_norm_scales) == 8
+    assert all(bool(torch.all(v == 0)) == zero_init_residual and bool(torch.all(v == 1)) != zero_init_residual
+               for v in last_norm_scales)
     # The pretrained start's head is the frozen probe: the saved encoder with it scores the probe's top-1.
     reference, _ = build_backbone("resnet18", small_images=small_images, width=width)
     reference.load_state_dict(saved)
