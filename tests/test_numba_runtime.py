@@ -32,6 +32,9 @@ for _ in range(3):  # forks while FFCV's thread decodes ahead, as torch.compile'
         os._exit(0)
     os.waitpid(pid, 0)
     next(batches)
+# Leave the epoch as train.py does (its finally stops FFCV's thread): a process that exits while that thread is
+# inside a numba loop aborts (-6, "terminate called without an active exception"), 1 run in 3 without this.
+batches.close()
 import numba
 print("layer", numba.threading_layer())
 """

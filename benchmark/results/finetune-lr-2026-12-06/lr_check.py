@@ -1,18 +1,19 @@
 """One-off: the 1% subset's random-init fine-tune at more lrs, with both initialisations (oracle on test: the
-baseline's best case)."""
+baseline's best case). From the repository root:
+
+    PYTHONPATH=. .venv/bin/python benchmark/results/finetune-lr-2026-12-06/lr_check.py
+"""
 import copy
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
-import evaluation.finetune as ft  # noqa: E402
-from evaluation.data import eval_splits  # noqa: E402
-from models.export import BackboneInfo  # noqa: E402
+import evaluation.finetune as ft
+from evaluation.data import eval_splits
+from models.export import BackboneInfo
 
 train_set, test_set = eval_splits("fashion-mnist", None, None, None)
 settings = ft.FinetuneSettings()
