@@ -91,9 +91,10 @@ def test_the_fine_tune_updates_the_encoder_and_the_head():
     assert ft.top1(model, tiny_set(), torch.device("cpu"), res=8) == 1.0
 
 
-@pytest.mark.parametrize(("small_images", "width", "zero_init_residual"), [(True, 4, True), (False, 2, False)])
+@pytest.mark.parametrize(("small_images", "width", "zero_init_residual", "head"),
+                         [(True, 4, True, "probe"), (False, 2, False, "new")])
 def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypatch, small_images, width,
-                                                             zero_init_residual):
+                                                             zero_init_residual, head):
     trained, _ = build_backbone("resnet18", small_images=small_images, width=width)
     save_backbone(tmp_path / "backbone.pt", trained, arch="resnet18", width=width, small_images=small_images, res=16,
                   zero_init_residual=zero_init_residual)
@@ -109,9 +110,9 @@ def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypat
     encoder, info = ft.load_backbone(tmp_path / "backbone.pt")
     test_set = tiny_set(8, side=16)
     results, _ = ft.compare_on_subsets(encoder, info, tiny_set(side=16), test_set, [0.5], "cpu", 16,
-                                       ft.FinetuneSettings(epochs=1, batch_size=4, lr_choices=(0.05,)),
+                                       ft.FinetuneSettings(epochs=1, batch_size=4, lr_choices=(0.05,), head=head),
                                        log=lambda line: None)
-    (pretrained, probe_head), (random_init, new_head) = started_from
+    (pretrained, pretrained_head), (random_init, new_head) = started_from
     # Both start from the saved file's tensors' names and shapes (arch, width and stem); only the values differ.
     for state in (pretrained, random_init):
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in saved.items()}
@@ -122,11 +123,13 @@ def test_the_random_init_baseline_is_the_checkpoints_network(tmp_path, monkeypat
     assert len(last_norm_scales) == 8
     assert all(bool(torch.all(v == 0)) == zero_init_residual and bool(torch.all(v == 1)) != zero_init_residual
                for v in last_norm_scales)
-    # The pretrained start's head is the frozen probe: the saved encoder with it scores the probe's top-1.
-    reference, _ = build_backbone("resnet18", small_images=small_images, width=width)
-    reference.load_state_dict(saved)
-    probe_top1 = ft.top1(nn.Sequential(reference, probe_head), test_set, torch.device("cpu"), res=16)
-    assert probe_top1 == pytest.approx(results["50%"]["frozen_probe_top1"], abs=1e-6)
+    if head == "probe":  # LP-FT: the pretrained start's head is the frozen probe, which scores the probe's top-1
+        reference, _ = build_backbone("resnet18", small_images=small_images, width=width)
+        reference.load_state_dict(saved)
+        probe_top1 = ft.top1(nn.Sequential(reference, pretrained_head), test_set, torch.device("cpu"), res=16)
+        assert probe_top1 == pytest.approx(results["50%"]["frozen_probe_top1"], abs=1e-6)
+    else:  # the default: a new head, as the random-init start gets
+        assert pretrained_head is None
     assert new_head is None  # the random-init baseline gets a new head
     assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())  # the caller's encoder is kept
     assert set(results["50%"]) >= {"labels", "finetune_top1", "random_init_finetune_top1", "frozen_probe_top1",
@@ -164,16 +167,19 @@ def test_the_lr_that_scores_best_on_held_out_images_is_chosen():
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())  # the start is left as it was
 
 
-def test_each_start_is_fine_tuned_on_the_whole_subset_with_the_lr_chosen_on_held_out_images(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head", ["new", "probe"])
+def test_each_start_is_fine_tuned_on_the_whole_subset_with_the_lr_chosen_on_held_out_images(tmp_path, monkeypatch,
+                                                                                             head):
     trained, _ = build_backbone("resnet18", small_images=True, width=2)
     save_backbone(tmp_path / "backbone.pt", trained, arch="resnet18", width=2, small_images=True, res=8)
     encoder, info = ft.load_backbone(tmp_path / "backbone.pt")
     chosen = {"pretrained": 0.03, "random": 0.07}
     choices, final_runs = [], []
 
-    def fake_choose_lr(start_from, head, feature_dim, fit_set, held_set, device, res, settings):
-        choices.append((len(fit_set), len(held_set), head is not None, settings.epochs))
-        return chosen["pretrained" if head is not None else "random"], {"0.03": 0.5, "0.07": 0.5}
+    def fake_choose_lr(start_from, selection_head, feature_dim, fit_set, held_set, device, res, settings):
+        start = "random" if choices else "pretrained"  # the pretrained start goes first
+        choices.append((len(fit_set), len(held_set), selection_head is not None, settings.epochs))
+        return chosen[start], {"0.03": 0.5, "0.07": 0.5}
 
     def recording_finetune(encoder, feature_dim, train_set, *args, **kwargs):
         final_runs.append((len(train_set), args[2].lr))
@@ -183,9 +189,10 @@ def test_each_start_is_fine_tuned_on_the_whole_subset_with_the_lr_chosen_on_held
     monkeypatch.setattr(ft, "choose_lr", fake_choose_lr)
     monkeypatch.setattr(ft, "finetune", recording_finetune)
     results, subsets = ft.compare_on_subsets(encoder, info, tiny_set(20), tiny_set(8), [0.5], "cpu", 8,
-                                             ft.FinetuneSettings(batch_size=4), log=lambda line: None)
-    # 10 labels, 5 of each class: 1 of each held out, 8 to fit; the pretrained start's selection head is a probe.
-    assert choices == [(8, 2, True, 50), (8, 2, False, 50)]
+                                             ft.FinetuneSettings(batch_size=4, head=head), log=lambda line: None)
+    # 10 labels, 5 of each class: 1 of each held out, 8 to fit; with --head probe the pretrained start's selection
+    # runs start from a probe (of the fit share), else both starts get new heads.
+    assert choices == [(8, 2, head == "probe", 50), (8, 2, False, 50)]
     assert final_runs == [(10, 0.03), (10, 0.07)]  # the whole subset, each with its own chosen lr
     record = results["50%"]
     assert record["finetune_lr"] == 0.03 and record["random_init_finetune_lr"] == 0.07
