@@ -27,7 +27,7 @@ for zero in (True, False):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         start = info.new_encoder()
-    for lr in (0.05, 0.1, 0.2, 0.4):
+    for lr in (0.05, 0.1, 0.2, 0.4, 0.8):
         t = time.time()
         model, steps = ft.finetune(copy.deepcopy(start), info.feature_dim, subset, torch.device("cpu"), 28,
                                    replace(fixed, lr=lr))
