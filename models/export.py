@@ -79,14 +79,15 @@ class BackboneInfo:
 
 
 def save_backbone(path: str | Path, encoder: nn.Module, *, arch: str, width: int, small_images: bool,
-                  res: int, zero_init_residual: bool = False) -> None:
-    """Write `encoder`'s weights (on the CPU) and its rebuild metadata to `path`, atomically."""
+                  res: int, zero_init_residual: bool = False) -> BackboneInfo:
+    """Write `encoder`'s weights (on the CPU) and its rebuild metadata to `path`, atomically; return that metadata."""
     info = BackboneInfo.of(arch, width, small_images, res, zero_init_residual)
     state = {"format": FORMAT, "version": VERSION, **asdict(info),
              "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(Path(path), buffer.getvalue())
+    return info
 
 
 def load_backbone(path: str | Path, map_location: torch.device | str = "cpu") -> tuple[nn.Module, BackboneInfo]:

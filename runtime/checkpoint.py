@@ -130,8 +130,7 @@ def export_backbone(path: Path, encoder: torch.nn.Module, config: dict[str, Any]
     resolved); returns what the file says it is."""
     form = {"arch": config["arch"], "width": config["width"], "small_images": bool(config["small_images"]),
             "res": config["res"], "zero_init_residual": bool(config["zero_init_residual"])}
-    save_backbone(path, encoder, **form)
-    return BackboneInfo.of(**form)
+    return save_backbone(path, encoder, **form)
 
 
 def training_state(
