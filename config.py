@@ -56,10 +56,10 @@ BASE_LR_BY_EPOCHS = ((1000, 0.2), (300, 0.3), (0, 0.45))
 WEIGHT_DECAY_BY_EPOCHS = ((1000, 1.5e-6), (0, 1e-6))
 TAU_BY_EPOCHS = ((1000, 0.996), (41, 0.99), (0, 0.97))
 # Small images (--res <= 64) take solo-learn's CIFAR BYOL recipe where it differs from ImageNet's, except the
-# 1-D group's lr (a quarter of the lr), a 4x weight decay and residual blocks that start as their shortcuts:
-# measured on the quickstart (docs/recipe.md).
+# 1-D group's lr (a quarter of the lr), a 4x weight decay, residual blocks that start as their shortcuts and crops
+# of at least a fifth of the image: measured on the quickstart (docs/recipe.md).
 SMALL_IMAGE_RECIPE = {"base_lr": 1.0, "weight_decay": 4e-5, "eta": 0.02, "tau_base": 0.99, "lr_1d_scale": 0.25,
-                      "zero_init_residual": True}
+                      "zero_init_residual": True, "min_scale": 0.2}
 ETA = 1e-3
 # The official code steps biases and norm weights at the full lr.
 LR_1D_SCALE = 1.0
@@ -129,8 +129,10 @@ class TrainConfig:
                              f"its images' own size; {DEFAULT_RES} for other data)", bound=AT_LEAST_1, on_resume=FIXED)
     in_memory: bool = option(True, "ffcv: the .beton fits in RAM (random order, OS page cache); --no-in-memory "
                              "reads a larger-than-RAM .beton in QUASI_RANDOM order (one process)", on_resume=FIXED)
-    min_scale: float | None = option(None, "smallest random-resized-crop area fraction (default: the recipe's "
-                                     f"{BYOL_VIEWS.crop_scale[0]:g})", on_resume=FIXED)
+    min_scale: float | None = option(None, "smallest random-resized-crop area fraction (default: "
+                                     f"{SMALL_IMAGE_RECIPE['min_scale']:g} for small images, measured in "
+                                     f"docs/recipe.md; else the recipe's {BYOL_VIEWS.crop_scale[0]:g})",
+                                     on_resume=FIXED)
     batch_size: int = option(256, "GLOBAL batch size over all processes and nodes (each gets batch / world size)",
                              bound=AT_LEAST_1, on_resume=FIXED)
     epochs: int = option(100, "training epochs", bound=AT_LEAST_1, on_resume=FIXED)
@@ -212,7 +214,7 @@ class TrainConfig:
         recipe = {"res": res, "small_images": small, "blur": not small, "arch": SMALL_IMAGE_ARCH if small else ARCH}
         recipe |= SMALL_IMAGE_RECIPE if small else {
             "base_lr": by_epochs(BASE_LR_BY_EPOCHS, self.epochs), "eta": ETA, "lr_1d_scale": LR_1D_SCALE,
-            "zero_init_residual": ZERO_INIT_RESIDUAL,
+            "zero_init_residual": ZERO_INIT_RESIDUAL, "min_scale": BYOL_VIEWS.crop_scale[0],
             "weight_decay": by_epochs(WEIGHT_DECAY_BY_EPOCHS, self.epochs),
             "tau_base": by_epochs(TAU_BY_EPOCHS, self.epochs)}
         if self.device is not None and self.gpus is not None and (self.device == "cpu") != (self.gpus == 0):

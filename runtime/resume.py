@@ -5,15 +5,24 @@ from __future__ import annotations
 from config import FIXED, QUIET, REFUSED, TrainConfig, option_flag, options_on_resume
 from models.byol import BYOL
 from models.step import ByolStep
+from pipelines.views import BYOL_VIEWS
 from runtime.assembly import seed_all
 from runtime.checkpoint import CheckpointDir, restore_training_state, set_rng_state
 from runtime.distributed import World
+
+# Options that checkpoints saved unset before `TrainConfig.resolved` filled them, and the value that meant.
+UNSET_MEANT = {"min_scale": BYOL_VIEWS.crop_scale[0]}
+
+
+def saved_options(saved: dict) -> dict:
+    """A checkpoint's options as this version resolves them: UNSET_MEANT's value where it saved one unset."""
+    return saved | {name: meant for name, meant in UNSET_MEANT.items() if name in saved and saved[name] is None}
 
 
 def incompatible_options(saved: dict, cfg: TrainConfig, rule: str = REFUSED) -> list[str]:
     """'--arch resnet18 -> resnet34' for each option of `rule` (REFUSED: the saved tensors would not load; FIXED:
     the schedule or the data would change) that differs from the checkpoint's."""
-    now = cfg.to_dict()
+    now, saved = cfg.to_dict(), saved_options(saved)
     changed = [name for name in options_on_resume(rule) if name in saved and saved[name] != now[name]]
     if rule == REFUSED and "small_images" in changed and saved.get("res") != now["res"]:
         changed.insert(changed.index("small_images"), "res")  # the stem follows --res: name the cause too
@@ -60,7 +69,7 @@ def resume(cfg: TrainConfig, world: World, ckpts: CheckpointDir, byol: BYOL, ste
         seed_all(cfg.seed + world.rank + state["step"])
     if world.is_main:
         now, quiet = cfg.to_dict(), options_on_resume(QUIET)
-        changed = sorted(k for k, v in state["config"].items() if k not in quiet and now.get(k) != v)
+        changed = sorted(k for k, v in saved_options(state["config"]).items() if k not in quiet and now.get(k) != v)
         print(f"resumed from {path} at step {state['step']}"
               + (f"; options changed since it was saved: {', '.join(changed)}" if changed else ""))
         if state["steps_per_epoch"] != steps_per_epoch:

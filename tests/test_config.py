@@ -29,6 +29,9 @@ def test_config_defaults_follow_the_recipe():
     assert (small.base_lr, small.weight_decay, small.tau_base, small.eta) == (1.0, 4e-5, 0.99, 0.02)
     assert small.lr_1d_scale == 0.25
     assert small.zero_init_residual is True  # measured on the quickstart's seeds (docs/recipe.md)
+    # Crops of at least a fifth of a small image (measured, docs/recipe.md); the recipe's 0.08 otherwise.
+    assert small.min_scale == 0.2 and short.min_scale == 0.08
+    assert TrainConfig(res=28, min_scale=0.08).resolved().min_scale == 0.08
     assert TrainConfig(res=28, zero_init_residual=False).resolved().zero_init_residual is False
     assert small.small_images is True and small.blur is False
     # Each stays overridable, and an explicit --no-small-images gives the ImageNet recipe at any size.
@@ -91,7 +94,8 @@ def test_every_option_says_its_default_in_the_help():
         assert f.default is None or f"(default: {f.default})" in text, f.name
     # The options whose default is a rule: the rule, with the values `resolved` gives (checked below).
     for says in ["--eta ETA LARS trust coefficient (default: 0.02 for small images, else 0.001)",
-                 "capped at 10% of the run's steps (default: 10.0)", "(default: the recipe's 0.08)",
+                 "capped at 10% of the run's steps (default: 10.0)",
+                 "(default: 0.2 for small images, measured in docs/recipe.md; else the recipe's 0.08)",
                  "(default: resnet18 for small images, else resnet50)", "(default: 28 for the built-in fashion-mnist",
                  "(default: on, off for small images)", "(default: on when --res <= 64)", "(default: all)",
                  "(default: --epochs x the steps of an epoch)"]:

@@ -20,8 +20,10 @@ from PIL import Image
 
 import runtime.preflight
 import train
+from config import FIXED, TrainConfig
 from runtime.checkpoint import CheckpointDir, load_checkpoint
 from runtime.outdir import OutLock
+from runtime.resume import incompatible_options
 
 TINY = ("--loader", "synthetic", "--gpus", "0", "--arch", "resnet18", "--width", "8", "--res", "8",
         "--batch-size", "8", "--no-compile", "--hidden-dim", "64", "--proj-dim", "32", "--workers", "0")
@@ -157,6 +159,7 @@ def test_resume_with_other_model_options_names_them(capsys, finished, tmp_path, 
     pytest.param(("--loader", "torchvision"), "--loader synthetic -> torchvision", marks=pytest.mark.slow),
     (("--base-lr", "0.1", "--batch-size", "16"), "--batch-size 8 -> 16, --base-lr 1.0 -> 0.1"),
     (("--seed", "1"), "--seed 0 -> 1"),
+    (("--min-scale", "0.08"), "--min-scale 0.2 -> 0.08"),  # the views: the small-image default was filled in
 ])
 def test_resume_that_would_change_the_schedule_or_the_data_is_refused(capsys, finished, tmp_path, change, expected):
     out = copy_of(finished, tmp_path)
@@ -167,6 +170,13 @@ def test_resume_that_would_change_the_schedule_or_the_data_is_refused(capsys, fi
         "continuing it with them would stretch or cut its schedule or change its data: pass another --out to start " \
         "a new run, or resume with the saved values" in message
     assert not (out / ".fastbyol.lock").exists(), "a refused run leaves its lock file behind"
+
+
+def test_a_checkpoint_that_saved_the_crop_unset_reads_as_the_recipes_crop():
+    # Before the small-image default (0.2) was filled in, checkpoints saved --min-scale unset: the views' 0.08.
+    saved = TrainConfig(res=28).resolved().to_dict() | {"min_scale": None}
+    assert incompatible_options(saved, TrainConfig(res=28).resolved(), FIXED) == ["--min-scale 0.08 -> 0.2"]
+    assert incompatible_options(saved, TrainConfig(res=28, min_scale=0.08).resolved(), FIXED) == []
 
 
 def test_resume_may_change_logging_and_workers_and_carries_elapsed_time(capsys, finished, tmp_path):
