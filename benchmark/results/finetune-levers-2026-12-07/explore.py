@@ -46,14 +46,15 @@ def run(start: nn.Module, lr: float, head_mult: float = 1.0, min_scale: float = 
         seed: int = 0, bs: int = 64, llrd: float = 1.0, bn_eval: bool = False, smoothing: float = 0.0,
         probe_head: bool = False) -> float:
     generator = torch.Generator().manual_seed(seed)
-    head = nn.Linear(info.feature_dim, 10)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        nn.init.normal_(head.weight, std=0.01)
-        nn.init.zeros_(head.bias)
     if probe_head:
         features = extract_features(start, subset, device, 28), extract_features(start, test_set, device, 28)
         head = linear_probe(*features[0], *features[1], 10).classifier.requires_grad_(True)
+    else:
+        head = nn.Linear(info.feature_dim, 10)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
     model = nn.Sequential(start, head).to(device, memory_format=torch.channels_last)
     groups = [{"params": [p for name in names for p in getattr(start, name).parameters()],
                "mult": llrd ** (len(STAGES) - depth)} for depth, names in enumerate(STAGES)]
